@@ -1,0 +1,1 @@
+"""Shipped run configs (YAML), installed as ``lightmeta.configs``; see ``python -m lightmeta list configs``."""

@@ -1,0 +1,176 @@
+"""Base class for episodic datamodules and the datasets that feed tasks through DataLoaders.
+
+A datamodule builds a :class:`TaskSampler` (a picklable object that turns global task ids into
+a :class:`TaskBatch`); the base turns it into real ``DataLoader``s:
+
+* training meta-batch ``b`` holds the global tasks ``b*M .. b*M+M-1`` (``M`` = meta-batch
+  size); rank ``r`` of ``W`` adapts the contiguous slice ``r*M/W .. (r+1)*M/W-1``, so the ranks'
+  union is exactly the single-process meta-batch and no two ranks share a task;
+* task ``i`` of a split is drawn from ``generator_for(seed, split, i)`` alone, so resumed runs
+  and any number of workers or ranks see the same tasks;
+* validation and test tasks ``0..n-1`` use ``data.eval_seed`` (not the run seed), so every run
+  and every algorithm is evaluated on the same tasks; ranks take disjoint shards.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Iterator, Literal
+
+import lightning as L
+import torch
+from pydantic import Field
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lightmeta.episodes import TaskBatch
+from lightmeta.errors import ConfigError
+from lightmeta.plugin import PluginConfig
+from lightmeta.task_info import TaskInfo
+
+SplitName = Literal["train", "val", "test"]
+
+
+class DataConfig(PluginConfig):
+    """Episode stream settings shared by every datamodule."""
+
+    meta_batch_size: int = Field(default=16, ge=1, description="tasks per meta-training step (all ranks together)")
+    eval_batch_size: int = Field(default=25, ge=1, description="tasks per validation/test batch")
+    train_batches_per_epoch: int = Field(default=100, ge=1, description="meta-steps per epoch (validation runs after each)")
+    val_tasks: int = Field(default=100, ge=1, description="fixed validation tasks")
+    test_tasks: int = Field(default=600, ge=1, description="fixed test tasks")
+    eval_seed: int = Field(default=0, ge=0, description="seed of the fixed validation/test task sets")
+    num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes")
+    pin_memory: bool = False
+
+
+class TaskSampler(ABC):
+    """Draws tasks by global id; must be picklable (it travels to DataLoader workers)."""
+
+    @abstractmethod
+    def sample(self, split: SplitName, task_ids: list[int], seed: int) -> TaskBatch:
+        """Tasks ``task_ids`` of ``split``; task ``i`` depends on ``(seed, split, i)`` only."""
+
+
+class EpochSampler(Sampler[int]):
+    """Yields the global meta-batch indices of one epoch; Lightning calls ``set_epoch``."""
+
+    def __init__(self, batches_per_epoch: int) -> None:
+        self.batches_per_epoch = batches_per_epoch
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        start = self.epoch * self.batches_per_epoch
+        return iter(range(start, start + self.batches_per_epoch))
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+
+class TrainEpisodes(Dataset):
+    """Item ``b`` is this rank's share of global meta-batch ``b``."""
+
+    def __init__(self, sampler: TaskSampler, seed: int, meta_batch: int, rank: int, world_size: int) -> None:
+        self.sampler, self.seed = sampler, seed
+        self.per_rank = meta_batch // world_size
+        self.meta_batch, self.rank = meta_batch, rank
+
+    def task_ids(self, batch_index: int) -> list[int]:
+        start = batch_index * self.meta_batch + self.rank * self.per_rank
+        return list(range(start, start + self.per_rank))
+
+    def __getitem__(self, batch_index: int) -> TaskBatch:
+        return self.sampler.sample("train", self.task_ids(batch_index), self.seed)
+
+
+class EvalEpisodes(Dataset):
+    """The fixed tasks of a validation/test split: this rank's shard, in batches."""
+
+    def __init__(self, sampler: TaskSampler, split: SplitName, num_tasks: int, seed: int,
+                 batch_size: int, rank: int, world_size: int) -> None:
+        self.sampler, self.split, self.seed = sampler, split, seed
+        shard = list(range(rank, num_tasks, world_size))
+        self.batches = [shard[i : i + batch_size] for i in range(0, len(shard), batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> TaskBatch:
+        return self.sampler.sample(self.split, self.batches[i], self.seed)
+
+
+class EpisodicDataModule(L.LightningDataModule, ABC):
+    """A task distribution with meta-train/val/test splits, served as meta-batches.
+
+    Subclasses declare ``Config`` and implement :meth:`task_info` and :meth:`build_sampler`.
+    """
+
+    Config: ClassVar[type[DataConfig]] = DataConfig
+    registered_name: ClassVar[str]
+
+    def __init__(self, config: DataConfig | dict[str, Any] | None = None, seed: int = 0) -> None:
+        super().__init__()
+        if not isinstance(config, DataConfig):
+            config = self.Config.model_validate({k: v for k, v in (config or {}).items() if k != "name"})
+        self.config = config
+        self.seed = seed
+        self._sampler: TaskSampler | None = None
+
+    @abstractmethod
+    def task_info(self) -> TaskInfo:
+        """Problem type, input shape and ways; known from the config alone (no data loading)."""
+
+    @abstractmethod
+    def build_sampler(self) -> TaskSampler:
+        """Load or generate the data and return the sampler (called once, in ``setup``)."""
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @property
+    def sampler(self) -> TaskSampler:
+        if self._sampler is None:
+            self._sampler = self.build_sampler()
+        return self._sampler
+
+    def setup(self, stage: str | None = None) -> None:
+        _ = self.sampler
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
+        c = self.config
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=sampler,
+            shuffle=False,
+            num_workers=c.num_workers,
+            pin_memory=c.pin_memory,
+            persistent_workers=c.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        m = self.config.meta_batch_size
+        if m % world:
+            raise ConfigError(
+                f"data.meta_batch_size={m} is not divisible by the {world} training processes; "
+                "choose a multiple so every rank adapts the same number of tasks"
+            )
+        episodes = TrainEpisodes(self.sampler, self.seed, m, rank, world)
+        return self._loader(episodes, EpochSampler(self.config.train_batches_per_epoch))
+
+    def eval_episodes(self, split: Literal["val", "test"]) -> EvalEpisodes:
+        rank, world = self._rank_world()
+        n = self.config.val_tasks if split == "val" else self.config.test_tasks
+        return EvalEpisodes(self.sampler, split, n, self.config.eval_seed, self.config.eval_batch_size, rank, world)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_episodes("val"))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_episodes("test"))

@@ -1,0 +1,146 @@
+"""Base for gradient-based meta-learners (MAML and its family).
+
+Parameters are handled functionally (``torch.func.functional_call``) so the inner loop builds
+fast weights without touching the module. Hooks for subclasses:
+``inner_param_names`` (which parameters adapt: ANIL the head, BOIL the body) and
+``inner_update`` (Meta-SGD's learned rates, MAML++'s per-step rates).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightmeta.episodes import EpisodeSpec, Task
+from lightmeta.meta_learner import AlgorithmConfig, MetaLearner
+
+Params = dict[str, Tensor]
+
+
+class GradientConfig(AlgorithmConfig):
+    inner_lr: float = Field(default=0.01, gt=0, description="inner-loop SGD step size")
+    inner_steps: int = Field(default=1, ge=1, description="inner steps during meta-training")
+    eval_inner_steps: int = Field(default=10, ge=1, description="inner steps at validation/test")
+    first_order: bool = Field(default=False, description="drop second-order terms of the meta-gradient")
+    batch_norm: Literal["transductive", "inductive"] = Field(
+        default="transductive",
+        description="transductive: batch statistics of the current support/query set, in training "
+        "and evaluation (the MAML reference); inductive: running statistics at evaluation",
+    )
+
+
+class GradientMetaLearner(MetaLearner):
+    """Inner loop of SGD steps on the support loss, functional in the parameters.
+
+    During meta-training the inner gradients are differentiable (``create_graph``) unless
+    ``first_order``; during evaluation each step's fast weights are detached, so no outer
+    graph is ever kept.
+    """
+
+    Config = GradientConfig
+    config: GradientConfig
+    needs_grad_at_eval = True
+
+    # ------------------------------------------------------------------ hooks
+    def inner_param_names(self) -> list[str]:
+        """Names of the parameters adapted in the inner loop (default: all trainable)."""
+        return [n for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def inner_update(self, params: Params, grads: Params, step: int) -> Params:
+        """One inner step; plain SGD with ``inner_lr``."""
+        lr = self.config.inner_lr
+        return {k: p - lr * grads[k] for k, p in params.items()}
+
+    # ------------------------------------------------------------------ functional model
+    @contextmanager
+    def batch_norm_mode(self) -> Iterator[None]:
+        """Apply the configured BatchNorm mode, whatever ``train()``/``eval()`` says.
+
+        Transductive: every BatchNorm normalises with the statistics of the batch it sees and
+        leaves its running statistics untouched. Inductive: the module's own mode decides
+        (batch statistics with running updates in training, running statistics in evaluation).
+        """
+        if self.config.batch_norm == "inductive":
+            yield
+            return
+        saved = [(m, m.training, m.track_running_stats) for m in self.model.modules() if isinstance(m, _BatchNorm)]
+        for m, _, _ in saved:
+            m.training, m.track_running_stats = True, False
+        try:
+            yield
+        finally:
+            for m, training, track in saved:
+                m.training, m.track_running_stats = training, track
+
+    def forward_with(self, params: Params, x: Tensor) -> Tensor:
+        """The backbone applied to ``x`` with ``params`` replacing the named parameters."""
+        with self.batch_norm_mode():
+            return functional_call(self.model, params, (x,), strict=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_with({}, x)
+
+    # ------------------------------------------------------------------ inner loop
+    def inner_loop(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        steps: int,
+        on_step: Callable[[int, Params], None] | None = None,
+    ) -> Params:
+        """Run ``steps`` inner updates from the current meta-parameters; returns fast weights.
+
+        ``on_step(k, params)`` is called with the fast weights after ``k`` steps (k = 0..steps),
+        which is how evaluation records adaptation curves.
+        """
+        named = dict(self.model.named_parameters())
+        differentiable = self.training and torch.is_grad_enabled()
+        create_graph = differentiable and not self.config.first_order
+        if differentiable:
+            params = {n: named[n] for n in self.inner_param_names()}
+        else:
+            params = {n: named[n].detach().requires_grad_(True) for n in self.inner_param_names()}
+        if on_step is not None:
+            on_step(0, params)
+        for step in range(steps):
+            with torch.enable_grad():
+                loss = self.loss_fn(self.forward_with(params, support_x), support_y)
+                grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+            params = self.inner_update(params, dict(zip(params, grads)), step)
+            if not differentiable:
+                params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+            if on_step is not None:
+                on_step(step + 1, params)
+        return params
+
+    def adapt(self, support_x: Tensor, support_y: Tensor, spec: EpisodeSpec) -> Params:
+        steps = self.config.inner_steps if self.training else self.config.eval_inner_steps
+        return self.inner_loop(support_x, support_y, steps)
+
+    def predict(self, state: Params, query_x: Tensor) -> Tensor:
+        return self.forward_with(state, query_x)
+
+    # ------------------------------------------------------------------ evaluation with curves
+    def eval_metric_names(self) -> list[str]:
+        base = super().eval_metric_names()
+        steps = range(self.config.eval_inner_steps + 1)
+        return base + [f"{k}_step{s}" for s in steps for k in base]
+
+    def evaluate_task(self, task: Task) -> dict[str, Tensor]:
+        """Query metrics after every inner step (the adaptation curve) plus the final ones."""
+        out: dict[str, Tensor] = {}
+
+        def record(step: int, params: Params) -> None:
+            with torch.no_grad():
+                for k, v in self.task_metrics(self.forward_with(params, task.query_x), task.query_y).items():
+                    out[f"{k}_step{step}"] = v.detach()
+
+        self.inner_loop(task.support_x, task.support_y, self.config.eval_inner_steps, on_step=record)
+        last = self.config.eval_inner_steps
+        out.update({k: out[f"{k}_step{last}"] for k in super().eval_metric_names()})
+        return out

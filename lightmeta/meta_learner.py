@@ -1,0 +1,209 @@
+"""The base LightningModule that every meta-learner subclasses.
+
+A subclass implements :meth:`MetaLearner.adapt` (the inner loop on one task's support set) and
+:meth:`MetaLearner.predict` (query predictions from the adapted state). The base owns the outer
+loop: ``training_step`` returns the mean query loss over the meta-batch, evaluation adapts each
+task without keeping an outer graph and reports per-task metrics as mean ± 95% CI.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from lightmeta.episodes import EpisodeSpec, Task, TaskBatch
+from lightmeta.metrics import MeanCI
+from lightmeta.models import build_model
+from lightmeta.plugin import PluginConfig
+from lightmeta.task_info import TaskInfo
+
+Split = Literal["val", "test"]
+
+
+class AlgorithmConfig(PluginConfig):
+    """Outer-loop (meta) optimisation settings shared by every algorithm."""
+
+    lr: float = Field(default=1e-3, gt=0, description="outer (meta) learning rate")
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = Field(default=0.0, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        default="constant", description="cosine anneals over trainer.max_steps"
+    )
+
+
+class MetaLearner(L.LightningModule, ABC):
+    """Template for meta-learners: subclasses implement ``adapt`` and ``predict``.
+
+    Class-level declarations tell the run builder what the trainer must know:
+    ``needs_grad_at_eval`` (the inner loop takes gradients during validation/test, so the
+    trainer runs with ``inference_mode=False``) and ``uses_head`` (the backbone gets a
+    linear head with one output per way; metric learners use raw features).
+    """
+
+    Config: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
+    registered_name: ClassVar[str]
+    needs_grad_at_eval: ClassVar[bool] = False
+    uses_head: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        algorithm: dict[str, Any] | AlgorithmConfig | None = None,
+        *,
+        model: dict[str, Any],
+        task: dict[str, Any] | TaskInfo,
+    ) -> None:
+        super().__init__()
+        if isinstance(algorithm, AlgorithmConfig):
+            algorithm = algorithm.model_dump()
+        algorithm = {k: v for k, v in (algorithm or {}).items() if k != "name"}
+        self.config = self.Config.model_validate(algorithm)
+        self.task_info = task if isinstance(task, TaskInfo) else TaskInfo.model_validate(task)
+        out = self.task_info.head_features if self.uses_head else None
+        self.model: nn.Module = build_model(model, self.task_info.in_shape, out)
+        self.save_hyperparameters(
+            {
+                "algorithm": self.config.model_dump(mode="json"),
+                "model": dict(model),
+                "task": self.task_info.model_dump(mode="json"),
+            }
+        )
+        self.run_config: dict[str, Any] | None = None
+        self.eval_metrics = nn.ModuleDict(
+            {split: nn.ModuleDict({k: MeanCI() for k in self.eval_metric_names()}) for split in ("val", "test")}
+        )
+        self.last_results: dict[str, dict[str, float]] = {}
+
+    # ------------------------------------------------------------------ the contract
+    @abstractmethod
+    def adapt(self, support_x: Tensor, support_y: Tensor, spec: EpisodeSpec) -> Any:
+        """Inner loop on one task's support set; returns whatever ``predict`` needs."""
+
+    @abstractmethod
+    def predict(self, state: Any, query_x: Tensor) -> Tensor:
+        """Logits (classification) or predictions (regression) for the query set."""
+
+    # ------------------------------------------------------------------ losses and metrics
+    @property
+    def is_classification(self) -> bool:
+        return self.task_info.problem == "classification"
+
+    def loss_fn(self, preds: Tensor, targets: Tensor) -> Tensor:
+        """Cross-entropy for classification, mean squared error for regression."""
+        if self.is_classification:
+            return F.cross_entropy(preds, targets)
+        return F.mse_loss(preds, targets)
+
+    def task_metrics(self, preds: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        """Per-task ``loss`` (and ``acc`` for classification) of query predictions."""
+        metrics = {"loss": self.loss_fn(preds, targets)}
+        if self.is_classification:
+            metrics["acc"] = (preds.argmax(-1) == targets).float().mean()
+        return metrics
+
+    def eval_metric_names(self) -> list[str]:
+        """Names of the per-task metrics reported by validation and test."""
+        return ["loss", "acc"] if self.is_classification else ["loss"]
+
+    @property
+    def monitor(self) -> tuple[str, Literal["min", "max"]]:
+        """Validation metric for model selection and checkpointing."""
+        return ("val/acc", "max") if self.is_classification else ("val/loss", "min")
+
+    # ------------------------------------------------------------------ outer loop
+    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """Mean query loss over the meta-batch (the outer objective) and metrics to log.
+
+        Override for a batched implementation or an outer step that is not a query-loss
+        gradient (e.g. Reptile's surrogate).
+        """
+        losses, accs = [], []
+        for task in batch.tasks():
+            state = self.adapt(task.support_x, task.support_y, task.spec)
+            metrics = self.task_metrics(self.predict(state, task.query_x), task.query_y)
+            losses.append(metrics["loss"])
+            if "acc" in metrics:
+                accs.append(metrics["acc"])
+        loss = torch.stack(losses).mean()
+        logs = {"loss": loss.detach()}
+        if accs:
+            logs["acc"] = torch.stack(accs).mean().detach()
+        return loss, logs
+
+    def evaluate_task(self, task: Task) -> dict[str, Tensor]:
+        """Adapt to one task and score its query set; no outer graph is kept."""
+        state = self.adapt(task.support_x, task.support_y, task.spec)
+        with torch.no_grad():
+            return {k: v.detach() for k, v in self.task_metrics(self.predict(state, task.query_x), task.query_y).items()}
+
+    def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
+        loss, logs = self.meta_loss(batch)
+        bs = len(batch)
+        for k, v in logs.items():
+            self.log(f"train/{k}", v, prog_bar=(k == "loss"), batch_size=bs)
+        return loss
+
+    def _eval_step(self, batch: TaskBatch, split: Split) -> None:
+        per_task: dict[str, list[Tensor]] = {k: [] for k in self.eval_metric_names()}
+        for task in batch.tasks():
+            for k, v in self.evaluate_task(task).items():
+                per_task[k].append(v)
+        for k, values in per_task.items():
+            self.eval_metrics[split][k].update(torch.stack(values))
+
+    def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_epoch_end(self, split: Split) -> None:
+        results: dict[str, dict[str, float]] = {}
+        for k, metric in self.eval_metrics[split].items():
+            out = metric.compute()
+            metric.reset()
+            if out["n"] == 0:
+                continue
+            results[k] = {name: float(v) for name, v in out.items()}
+            self.log(f"{split}/{k}", out["mean"].float(), prog_bar=(split == "val" and k == self.monitor[0].split("/")[1]))
+            self.log(f"{split}/{k}_ci95", out["ci95"].float())
+        self.last_results[split] = results  # type: ignore[assignment]
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        c = self.config
+        params = [p for p in self.parameters() if p.requires_grad]
+        if c.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        elif c.optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        else:
+            opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+        if c.lr_schedule == "constant":
+            return opt
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else None
+        if total is None:
+            raise ValueError("algorithm.lr_schedule=cosine needs trainer.max_steps > 0; set it or use 'constant'")
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from lightmeta import __version__
+
+        checkpoint["lightmeta"] = {
+            "algorithm": getattr(type(self), "registered_name", type(self).__qualname__),
+            "version": __version__,
+            "run_config": self.run_config,
+        }

@@ -1,0 +1,229 @@
+"""Builds a run from a validated :class:`RunConfig`: datamodule, learner, loggers, trainer.
+
+The CLI subcommands ``fit``, ``validate`` and ``test`` are thin wrappers around the
+functions here, so a Python user gets the same behaviour without the command line.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+
+from lightmeta.config import RunConfig, config_to_yaml
+from lightmeta.datamodule import EpisodicDataModule
+from lightmeta.errors import ConfigError, LightmetaError
+from lightmeta.meta_learner import MetaLearner
+from lightmeta.registry import ALGORITHMS, DATAMODULES
+from lightmeta.results import Results
+
+
+@dataclass
+class Run:
+    """Everything a fit/validate/test needs, built from one config."""
+
+    config: RunConfig
+    datamodule: EpisodicDataModule
+    learner: MetaLearner
+    trainer: L.Trainer
+    run_dir: Path
+
+
+def build_datamodule(cfg: RunConfig) -> EpisodicDataModule:
+    cls = DATAMODULES.get(cfg.data.name)
+    return cls(cls.Config.model_validate(cfg.params("data")), seed=cfg.seed)
+
+
+def build_learner(cfg: RunConfig, datamodule: EpisodicDataModule) -> MetaLearner:
+    cls = ALGORITHMS.get(cfg.algorithm.name)
+    info = datamodule.task_info()
+    if cls.uses_head and info.problem == "classification" and info.train_ways != info.eval_ways:
+        raise ConfigError(
+            f"algorithm '{cfg.algorithm.name}' has a {info.train_ways}-way classifier head but evaluation "
+            f"episodes are {info.eval_ways}-way; set the data's evaluation ways equal to its training ways"
+        )
+    learner = cls(cfg.params("algorithm"), model=cfg.model.model_dump(), task=info)
+    learner.run_config = cfg.to_dict()
+    return learner
+
+
+def next_run_dir(cfg: RunConfig) -> Path:
+    """``output_dir/experiment/version_N`` with the first free N (created)."""
+    root = Path(cfg.output_dir) / cfg.experiment
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"output_dir={cfg.output_dir!r} is not writable ({exc.strerror}); choose another output_dir") from None
+    n = 0
+    while (root / f"version_{n}").exists():
+        n += 1
+    run_dir = root / f"version_{n}"
+    run_dir.mkdir()
+    return run_dir
+
+
+def wandb_has_credentials() -> bool:
+    """True when a W&B API key is configured (env var or netrc)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def build_loggers(cfg: RunConfig, run_dir: Path) -> list[Logger]:
+    lc = cfg.logger
+    if lc.name == "none":
+        return []
+    csv = CSVLogger(save_dir=str(run_dir.parent.parent), name=cfg.experiment, version=run_dir.name)
+    if lc.name == "csv":
+        return [csv]
+    offline = lc.offline if lc.offline is not None else not wandb_has_credentials()
+    if offline:
+        os.environ.setdefault("WANDB_MODE", "offline")
+    data = cfg.data
+    tags = [cfg.algorithm.name, data.name, *lc.tags]
+    if hasattr(data, "ways"):
+        tags.append(f"{data.ways}-way")
+    if hasattr(data, "shots"):
+        tags.append(f"{data.shots}-shot")
+    wandb_logger = WandbLogger(
+        project=lc.project,
+        entity=lc.entity,
+        name=f"{cfg.experiment}/{run_dir.name}",
+        group=cfg.experiment,
+        save_dir=str(run_dir),
+        offline=offline,
+        log_model=lc.log_model,
+        tags=tags,
+        config=cfg.to_dict(),
+    )
+    return [csv, wandb_logger]
+
+
+def build_trainer(cfg: RunConfig, learner: MetaLearner, run_dir: Path, loggers: list[Logger]) -> L.Trainer:
+    t = cfg.trainer
+    callbacks: list[Any] = []
+    if cfg.checkpoint.enabled:
+        metric, mode = learner.monitor
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=run_dir / "checkpoints",
+                filename="best-{step}",
+                monitor=metric,
+                mode=mode,
+                save_top_k=cfg.checkpoint.save_top_k,
+                save_last=cfg.checkpoint.save_last,
+                every_n_train_steps=cfg.checkpoint.every_n_train_steps,
+                auto_insert_metric_name=False,
+            )
+        )
+    return L.Trainer(
+        max_steps=t.max_steps,
+        max_epochs=t.max_epochs,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        num_sanity_val_steps=t.num_sanity_val_steps,
+        log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=t.gradient_clip_val,
+        deterministic=t.deterministic,
+        enable_progress_bar=t.enable_progress_bar,
+        enable_checkpointing=cfg.checkpoint.enabled,
+        logger=loggers or False,
+        callbacks=callbacks,
+        default_root_dir=str(run_dir),
+        # gradient-based learners adapt (take gradients) during validation and test
+        inference_mode=not learner.needs_grad_at_eval,
+        # episodes are already split across ranks by the datamodule
+        use_distributed_sampler=False,
+    )
+
+
+def build_run(cfg: RunConfig, learner: MetaLearner | None = None) -> Run:
+    """Seed everything, then build the datamodule, learner, run directory and trainer."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(cfg)
+    learner = learner or build_learner(cfg, datamodule)
+    run_dir = next_run_dir(cfg)
+    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    trainer = build_trainer(cfg, learner, run_dir, build_loggers(cfg, run_dir))
+    return Run(cfg, datamodule, learner, trainer, run_dir)
+
+
+def _test_results(run: Run, n_tasks: int) -> Results:
+    results = Results.from_metrics(run.learner.last_results.get("test", {}), run.config, n_tasks)
+    results.save(run.run_dir)
+    return results
+
+
+def fit(cfg: RunConfig, ckpt_path: str | None = None, test: bool = True) -> tuple[Run, Results | None]:
+    """Train; then evaluate the best (meta-validation) checkpoint on the meta-test tasks."""
+    run = build_run(cfg)
+    run.trainer.fit(run.learner, datamodule=run.datamodule, ckpt_path=ckpt_path)
+    if not test:
+        return run, None
+    best = _best_checkpoint(run)
+    run.trainer.test(run.learner, datamodule=run.datamodule, ckpt_path=best, verbose=False)
+    return run, _test_results(run, run.datamodule.config.test_tasks)
+
+
+def _best_checkpoint(run: Run) -> str | None:
+    for cb in run.trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.best_model_path:
+            return cb.best_model_path
+    return None
+
+
+def load_learner(ckpt_path: str | Path) -> MetaLearner:
+    """Rebuild the learner stored in a lightmeta checkpoint (weights-only loading)."""
+    meta = read_checkpoint_meta(ckpt_path)
+    cls = ALGORITHMS.get(meta["algorithm"])
+    return cls.load_from_checkpoint(str(ckpt_path), map_location="cpu", weights_only=True)
+
+
+def read_checkpoint_meta(ckpt_path: str | Path) -> dict[str, Any]:
+    """The ``lightmeta`` block of a checkpoint (algorithm name, run config); never runs pickled code."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise LightmetaError(f"checkpoint '{path}' does not exist; pass --ckpt PATH to a .ckpt written by fit")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise LightmetaError(f"checkpoint '{path}' cannot be loaded safely ({type(exc).__name__}): "
+                             "it is corrupt or not a lightmeta checkpoint") from None
+    meta = ckpt.get("lightmeta") if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict) or "algorithm" not in meta:
+        raise LightmetaError(f"checkpoint '{path}' was not written by lightmeta (no 'lightmeta' block)")
+    return meta
+
+
+def evaluate(cfg: RunConfig, stage: Literal["validate", "test"], ckpt_path: str) -> tuple[Run, Results]:
+    """Evaluate a checkpoint on the fixed meta-validation or meta-test tasks."""
+    meta = read_checkpoint_meta(ckpt_path)
+    if meta["algorithm"] != cfg.algorithm.name:
+        raise ConfigError(
+            f"checkpoint '{ckpt_path}' holds algorithm '{meta['algorithm']}' but the config asks for "
+            f"'{cfg.algorithm.name}'; pass algorithm={meta['algorithm']} or another checkpoint"
+        )
+    learner = load_learner(ckpt_path)
+    run = build_run(cfg, learner=learner)
+    if stage == "validate":
+        run.trainer.validate(run.learner, datamodule=run.datamodule, verbose=False)
+        split, n = "val", run.datamodule.config.val_tasks
+    else:
+        run.trainer.test(run.learner, datamodule=run.datamodule, verbose=False)
+        split, n = "test", run.datamodule.config.test_tasks
+    results = Results.from_metrics(run.learner.last_results.get(split, {}), cfg, n, split=split)
+    results.save(run.run_dir)
+    return run, results
