@@ -1,44 +1,8 @@
-"""Shared test fixtures.
-
-Real-data and peer tests use :func:`require_data` / :func:`require_peer`: they skip when the data
-(``LIGHTMETA_DATA_DIR``) or the peer library is absent, unless CI sets ``LIGHTMETA_REQUIRE_DATA=1``
-/ ``LIGHTMETA_REQUIRE_PEERS=1``, which turns the skip into a failure.
-"""
+"""Fixtures for every test."""
 from __future__ import annotations
-
-import importlib
-import os
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
-
-
-def _required(var: str) -> bool:
-    return os.environ.get(var, "") not in ("", "0", "false")
-
-
-def require_peer(module: str = "learn2learn") -> ModuleType:
-    """Import a peer library, or skip (fail under ``LIGHTMETA_REQUIRE_PEERS=1``)."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        if _required("LIGHTMETA_REQUIRE_PEERS"):
-            pytest.fail(f"peer '{module}' is required (LIGHTMETA_REQUIRE_PEERS=1) but cannot be imported: {exc}")
-        pytest.skip(f"peer '{module}' not installed (bash ../shared/peers/install-learn2learn.sh)")
-
-
-def require_data(*parts: str) -> Path:
-    """``$LIGHTMETA_DATA_DIR/<parts>``, or skip (fail under ``LIGHTMETA_REQUIRE_DATA=1``)."""
-    root = os.environ.get("LIGHTMETA_DATA_DIR")
-    path = Path(root, *parts) if root else None
-    if path is None or not path.exists():
-        msg = f"real data {'/'.join(parts)} not found under LIGHTMETA_DATA_DIR={root!r}"
-        if _required("LIGHTMETA_REQUIRE_DATA"):
-            pytest.fail(msg + " (LIGHTMETA_REQUIRE_DATA=1)")
-        pytest.skip(msg)
-    return path
 
 
 @pytest.fixture(autouse=True)
