@@ -42,6 +42,8 @@ class Results:
             m = _STEP.match(key)
             if m and int(m["step"]) not in shown_steps:
                 continue
+            if steps and f"{key}_step{steps[-1]}" in metrics:
+                continue  # the headline figure is the last step's row
             out.rows.append(ResultRow(key, _label(key, regression), value["mean"], value["ci95"], int(value["n"])))
         out.rows.sort(key=_row_order)
         return out
