@@ -14,6 +14,7 @@ a :class:`TaskBatch`); the base turns it into real ``DataLoader``s:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, ClassVar, Iterator, Literal
 
 import lightning as L
@@ -116,6 +117,15 @@ class EpisodicDataModule(L.LightningDataModule, ABC):
         self.config = config
         self.seed = seed
         self._sampler: TaskSampler | None = None
+
+    @classmethod
+    def example_config(cls, workdir: Path) -> dict[str, Any]:
+        """Parameters of a small offline instance (may write example data under ``workdir``).
+
+        The conformance harness (:mod:`lightmeta.testing`) tests every registered datamodule
+        with it; datamodules that read files write a tiny copy in their real format here.
+        """
+        return {}
 
     @abstractmethod
     def task_info(self) -> TaskInfo:

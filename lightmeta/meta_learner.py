@@ -42,14 +42,18 @@ class MetaLearner(L.LightningModule, ABC):
 
     Class-level declarations tell the run builder what the trainer must know:
     ``needs_grad_at_eval`` (the inner loop takes gradients during validation/test, so the
-    trainer runs with ``inference_mode=False``) and ``uses_head`` (the backbone gets a
-    linear head with one output per way; metric learners use raw features).
+    trainer runs with ``inference_mode=False``), ``uses_head`` (the backbone gets a
+    linear head with one output per way; metric learners use raw features) and ``problems``.
     """
 
     Config: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
     registered_name: ClassVar[str]
     needs_grad_at_eval: ClassVar[bool] = False
     uses_head: ClassVar[bool] = True
+    #: Problem types the algorithm supports; the run builder refuses other datamodules.
+    problems: ClassVar[tuple[str, ...]] = ("classification", "regression")
+    #: A small backbone the conformance harness (lightmeta.testing) trains this algorithm with.
+    example_model: ClassVar[dict[str, Any]] = {"name": "mlp", "hidden": [32, 32]}
 
     def __init__(
         self,
@@ -148,13 +152,21 @@ class MetaLearner(L.LightningModule, ABC):
             self.log(f"train/{k}", v, prog_bar=(k == "loss"), batch_size=bs)
         return loss
 
-    def _eval_step(self, batch: TaskBatch, split: Split) -> None:
+    def evaluate_batch(self, batch: TaskBatch) -> dict[str, Tensor]:
+        """Per-task metrics ``[T]`` (keys: ``eval_metric_names()``) of a batch of evaluation tasks.
+
+        Default: ``evaluate_task`` on each task. Override for a batched evaluation (metric
+        learners embed the whole batch in one backbone call).
+        """
         per_task: dict[str, list[Tensor]] = {k: [] for k in self.eval_metric_names()}
         for task in batch.tasks():
             for k, v in self.evaluate_task(task).items():
                 per_task[k].append(v)
-        for k, values in per_task.items():
-            self.eval_metrics[split][k].update(torch.stack(values))
+        return {k: torch.stack(values) for k, values in per_task.items()}
+
+    def _eval_step(self, batch: TaskBatch, split: Split) -> None:
+        for k, values in self.evaluate_batch(batch).items():
+            self.eval_metrics[split][k].update(values)
 
     def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
         self._eval_step(batch, "val")

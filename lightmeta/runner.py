@@ -42,6 +42,11 @@ def build_datamodule(cfg: RunConfig) -> EpisodicDataModule:
 def build_learner(cfg: RunConfig, datamodule: EpisodicDataModule) -> MetaLearner:
     cls = ALGORITHMS.get(cfg.algorithm.name)
     info = datamodule.task_info()
+    if info.problem not in cls.problems:
+        raise ConfigError(
+            f"algorithm '{cfg.algorithm.name}' supports {' and '.join(cls.problems)} tasks, but data "
+            f"'{cfg.data.name}' is {info.problem}; choose another algorithm or datamodule"
+        )
     if cls.uses_head and info.problem == "classification" and info.train_ways != info.eval_ways:
         raise ConfigError(
             f"algorithm '{cfg.algorithm.name}' has a {info.train_ways}-way classifier head but evaluation "
