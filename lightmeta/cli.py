@@ -85,12 +85,12 @@ def _resolve(args: argparse.Namespace, ckpt: str | None = None) -> Any:
 
 
 def _report(run: Any, results: Any) -> None:
-    print()
-    print(results.table())
+    if results is not None:
+        print()
+        print(results.table())
     print(f"\nrun directory: {run.run_dir}")
-    if run.config.logger.name == "wandb":
-        wandb_dir = run.run_dir / "wandb"
-        print(f"W&B ran offline? upload it with: wandb sync {wandb_dir}/offline-run-*")
+    if run.wandb_sync_dir is not None:
+        print(f"W&B ran offline; upload the run with: wandb sync {run.wandb_sync_dir}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,10 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             cfg = _resolve(args)
             run, results = fit(cfg, ckpt_path=args.ckpt, test=not args.no_test)
-            if results is not None:
-                _report(run, results)
-            else:
-                print(f"\nrun directory: {run.run_dir}")
+            _report(run, results)
         else:
             from lightmeta.runner import evaluate
 

@@ -72,7 +72,9 @@ class MetaLearner(L.LightningModule, ABC):
         self.model: nn.Module = build_model(model, self.task_info.in_shape, out)
         self.save_hyperparameters(
             {
-                "algorithm": self.config.model_dump(mode="json"),
+                # with its registered name, so the logged hparams match the run config's section
+                "algorithm": {"name": getattr(type(self), "registered_name", type(self).__qualname__),
+                              **self.config.model_dump(mode="json")},
                 "model": dict(model),
                 "task": self.task_info.model_dump(mode="json"),
             }

@@ -32,6 +32,16 @@ class Run:
     learner: MetaLearner
     trainer: L.Trainer
     run_dir: Path
+    wandb_sync_dir: Path | None = None
+
+    def finish(self) -> None:
+        """Close loggers that hold a process or file open (W&B), remembering where offline runs are."""
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                experiment = logger.experiment
+                if experiment.settings.mode in ("offline", "dryrun"):  # `wandb sync` takes the run folder
+                    self.wandb_sync_dir = Path(experiment.dir).parent
+                experiment.finish()
 
 
 def build_datamodule(cfg: RunConfig) -> EpisodicDataModule:
@@ -175,12 +185,15 @@ def _test_results(run: Run, n_tasks: int) -> Results:
 def fit(cfg: RunConfig, ckpt_path: str | None = None, test: bool = True) -> tuple[Run, Results | None]:
     """Train; then evaluate the best (meta-validation) checkpoint on the meta-test tasks."""
     run = build_run(cfg)
-    run.trainer.fit(run.learner, datamodule=run.datamodule, ckpt_path=ckpt_path)
-    if not test:
-        return run, None
-    best = _best_checkpoint(run)
-    run.trainer.test(run.learner, datamodule=run.datamodule, ckpt_path=best, verbose=False)
-    return run, _test_results(run, run.datamodule.config.test_tasks)
+    try:
+        run.trainer.fit(run.learner, datamodule=run.datamodule, ckpt_path=ckpt_path)
+        if not test:
+            return run, None
+        best = _best_checkpoint(run)
+        run.trainer.test(run.learner, datamodule=run.datamodule, ckpt_path=best, verbose=False)
+        return run, _test_results(run, run.datamodule.config.test_tasks)
+    finally:
+        run.finish()
 
 
 def _best_checkpoint(run: Run) -> str | None:
@@ -223,12 +236,15 @@ def evaluate(cfg: RunConfig, stage: Literal["validate", "test"], ckpt_path: str)
         )
     learner = load_learner(ckpt_path)
     run = build_run(cfg, learner=learner)
-    if stage == "validate":
-        run.trainer.validate(run.learner, datamodule=run.datamodule, verbose=False)
-        split, n = "val", run.datamodule.config.val_tasks
-    else:
-        run.trainer.test(run.learner, datamodule=run.datamodule, verbose=False)
-        split, n = "test", run.datamodule.config.test_tasks
+    try:
+        if stage == "validate":
+            run.trainer.validate(run.learner, datamodule=run.datamodule, verbose=False)
+            split, n = "val", run.datamodule.config.val_tasks
+        else:
+            run.trainer.test(run.learner, datamodule=run.datamodule, verbose=False)
+            split, n = "test", run.datamodule.config.test_tasks
+    finally:
+        run.finish()
     results = Results.from_metrics(run.learner.last_results.get(split, {}), cfg, n, split=split)
     results.save(run.run_dir)
     return run, results
