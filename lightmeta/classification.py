@@ -1,0 +1,371 @@
+"""Episodic N-way K-shot classification over class-indexed image tensors.
+
+A datamodule for an image dataset implements two methods of :class:`ClassificationDataModule`:
+``image_shape()`` and ``load_classes()``, the latter returning a :class:`ClassImages`
+(decoded images, the image indices of every class, the class ids of each split).
+:class:`ClassificationTasks` turns that into episodes:
+
+* task ``i`` of a split is drawn from ``generator_for(seed, split, i)`` alone: ``N`` distinct
+  classes of the split in random order, then ``K + Q`` distinct images of each;
+* labels are the classes' positions in that random order, so a class gets a fresh label in
+  every episode (mutually exclusive tasks, no label memorisation);
+* support and query sets are class-major: ``support_y = [0]*K + [1]*K + ... + [N-1]*K``;
+* with rotation augmentation a base class ``c`` becomes four classes ``4c + r`` whose images
+  are rotated by ``r * 90`` degrees (applied with ``torch.rot90`` on the gathered batch);
+  class ids are ``4c + r`` throughout (``r = 0`` without augmentation);
+* sampling indexes the decoded tensor once per meta-batch: no per-image Python code.
+
+Pixels: ``uint8`` images come out as ``float32`` in ``[0, 1]`` (value / 255); floating-point
+images are cast to ``float32`` unchanged. No normalisation is applied. Datasets whose float32
+copy fits in :data:`FLOAT_BUDGET_BYTES` are converted once at setup (Omniglot at 28x28: 100 MB),
+so the hot path is a single ``index_select``.
+"""
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Literal, Sequence, cast
+
+import torch
+from pydantic import Field
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from lightmeta.datamodule import DataConfig, EpisodicDataModule, SplitName, TaskSampler
+from lightmeta.episodes import EpisodeSpec, TaskBatch
+from lightmeta.errors import ConfigError, DataError
+from lightmeta.seeding import generator_for
+from lightmeta.task_info import TaskInfo
+
+SPLITS: tuple[SplitName, ...] = ("train", "val", "test")
+ROTATIONS = 4  # 0, 90, 180, 270 degrees
+FLOAT_BUDGET_BYTES = 1 << 30  # uint8 images up to this size as float32 are converted once, at setup
+RotationMode = Literal["none", "train", "all"]
+
+
+def _ids(values: Tensor | Sequence[int]) -> Tensor:
+    return torch.as_tensor(values, dtype=torch.long).reshape(-1)
+
+
+@dataclass
+class ClassImages:
+    """Decoded images grouped into classes, and the classes of each split.
+
+    ``images [M, C, H, W]`` (``uint8`` or float); ``members[c]`` the indices into ``images`` of
+    class ``c``; ``splits`` maps ``train``/``val``/``test`` to disjoint class ids;
+    ``class_names[c]`` (optional) names class ``c`` in error messages.
+    """
+
+    images: Tensor
+    members: list[Tensor]
+    splits: dict[str, Tensor]
+    class_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4:
+            raise DataError(f"class images must be [num_images, C, H, W], got shape {tuple(self.images.shape)}")
+        if self.images.dtype != torch.uint8 and not self.images.is_floating_point():
+            raise DataError(f"class images must be uint8 or floating point, got {self.images.dtype}")
+        self.members = [_ids(m) for m in self.members]
+        m = self.images.shape[0]
+        for c, idx in enumerate(self.members):
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= m):
+                raise DataError(f"class {self.name(c)} indexes images outside 0..{m - 1}")
+        if set(self.splits) != set(SPLITS):
+            raise DataError(f"class splits must be exactly {list(SPLITS)}, got {sorted(self.splits)}")
+        self.splits = {s: _ids(self.splits[s]) for s in SPLITS}
+        seen: dict[int, str] = {}
+        for split, ids in self.splits.items():
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(self.members)):
+                raise DataError(f"split '{split}' names class ids outside 0..{len(self.members) - 1}")
+            for c in ids.tolist():
+                if c in seen:
+                    raise DataError(f"class {self.name(c)} is in both the '{seen[c]}' and the '{split}' split; splits must be disjoint")
+                seen[c] = split
+
+    @classmethod
+    def from_counts(cls, images: Tensor, counts: Sequence[int], splits: dict[str, Tensor | Sequence[int]],
+                    class_names: list[str] | None = None) -> "ClassImages":
+        """Images stored class after class: the first ``counts[0]`` belong to class 0, and so on."""
+        if sum(counts) != images.shape[0]:
+            raise DataError(f"class counts sum to {sum(counts)} but there are {images.shape[0]} images")
+        starts = torch.tensor([0, *counts]).cumsum(0)
+        members = [torch.arange(int(starts[c]), int(starts[c + 1])) for c in range(len(counts))]
+        return cls(images, members, {k: _ids(v) for k, v in splits.items()}, class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.members)
+
+    def name(self, c: int) -> str:
+        return f"'{self.class_names[c]}'" if self.class_names else str(c)
+
+
+def _random_arrangement(population: int, uniforms: list[float]) -> list[int]:
+    """``len(uniforms)`` distinct values of ``range(population)`` in uniformly random order.
+
+    Floyd's permutation sampling (Bentley & Floyd 1987, "A sample of brilliance") driven by the
+    given uniforms in [0, 1): ``n`` draws instead of shuffling the whole population, so a
+    5-way task over 4,112 classes costs five numbers, not a 4,112-element permutation.
+    """
+    n = len(uniforms)
+    out: list[int] = []
+    seen: set[int] = set()
+    for j, u in zip(range(population - n, population), uniforms):
+        pick = int(u * (j + 1))
+        if pick in seen:
+            out.insert(out.index(pick) + 1, j)
+            seen.add(j)
+        else:
+            out.insert(0, pick)
+            seen.add(pick)
+    return out
+
+
+def _to_float(x: Tensor) -> Tensor:
+    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+
+
+def _stored(images: Tensor) -> Tensor:
+    """The pixels as sampled: ``uint8`` becomes float32 in [0, 1] once, here, when that copy
+    fits in :data:`FLOAT_BUDGET_BYTES` (converting every batch costs more than gathering it);
+    larger datasets stay ``uint8`` and are converted batch by batch."""
+    if images.dtype == torch.uint8 and images.numel() * 4 <= FLOAT_BUDGET_BYTES:
+        return _to_float(images)
+    return images if images.dtype in (torch.uint8, torch.float32) else images.float()
+
+
+def _take(images: Tensor, index: Tensor) -> Tensor:
+    """``images[index]`` (any index shape) through ``index_select``, the fast gather."""
+    return torch.index_select(images, 0, index.reshape(-1)).view(*index.shape, *images.shape[1:])
+
+
+def _rotate(x: Tensor, rot: Tensor) -> Tensor:
+    """Rotate ``x[i, ...]`` by ``rot[i] * 90`` degrees in place (last two dims; ``rot`` indexes
+    the leading dims of ``x``, which must be contiguous)."""
+    flat = x.view(rot.numel(), *x.shape[rot.ndim:])
+    rot = rot.reshape(-1)
+    for r in range(1, ROTATIONS):
+        rows = (rot == r).nonzero().squeeze(1)
+        if rows.numel():
+            flat.index_copy_(0, rows, torch.rot90(flat.index_select(0, rows), r, dims=(-2, -1)))
+    return x
+
+
+class FlatClassDataset(Dataset):
+    """Every image of some classes as ``(image [C, H, W] float32, label)``, labels ``0..L-1``.
+
+    ``class_ids[label]`` is the class id (``4c + r``) behind each label. Batched fetching
+    (``__getitems__``) gathers and rotates a whole batch at once.
+    """
+
+    def __init__(self, images: Tensor, table: Tensor, counts: Tensor, class_ids: Tensor) -> None:
+        self.images = images
+        self.class_ids = class_ids
+        base, rot = class_ids // ROTATIONS, class_ids % ROTATIONS
+        per_class = counts[base]
+        self.labels = torch.arange(len(class_ids)).repeat_interleave(per_class)
+        rows = [table[b, :n] for b, n in zip(base.tolist(), per_class.tolist())]
+        self.image_index = torch.cat(rows) if rows else torch.empty(0, dtype=torch.long)
+        self.rotation = rot.repeat_interleave(per_class)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_ids)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, indices: Tensor | Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Images ``[B, C, H, W]`` and labels ``[B]`` of the given items."""
+        idx = _ids(indices)
+        x = _rotate(_take(self.images, self.image_index[idx]), self.rotation[idx])
+        return _to_float(x), self.labels[idx]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        x, y = self.batch([i])
+        return x[0], y[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, Tensor]]:
+        x, y = self.batch(indices)
+        return list(zip(x, y))
+
+
+class ClassificationTasks(TaskSampler):
+    """N-way K-shot Q-query episodes from a :class:`ClassImages`; picklable.
+
+    ``train_spec`` shapes training episodes, ``eval_spec`` validation and test episodes.
+    ``rotations``: ``none``, ``train`` (rotated copies are new meta-training classes) or ``all``
+    (every split). Impossible specs raise :class:`ConfigError` here, at setup.
+    """
+
+    def __init__(self, data: ClassImages, train_spec: EpisodeSpec, eval_spec: EpisodeSpec,
+                 rotations: RotationMode = "none") -> None:
+        self.images = _stored(data.images)
+        self.train_spec, self.eval_spec, self.rotations = train_spec, eval_spec, rotations
+        self.class_names = data.class_names
+        self.counts = torch.tensor([len(m) for m in data.members], dtype=torch.long)
+        self.table = torch.zeros(data.num_classes, max((len(m) for m in data.members), default=0), dtype=torch.long)
+        for c, m in enumerate(data.members):
+            self.table[c, : len(m)] = m
+        self.classes: dict[str, Tensor] = {}
+        self.uniform: dict[str, int | None] = {}
+        for split in SPLITS:
+            base = data.splits[split]
+            rot = torch.arange(ROTATIONS) if self.rotated(split) else torch.zeros(1, dtype=torch.long)
+            self.classes[split] = (base.unsqueeze(1) * ROTATIONS + rot).reshape(-1)
+            sizes = self.counts[base].unique()
+            self.uniform[split] = int(sizes[0]) if len(sizes) == 1 else None
+        self._check(data)
+
+    # ------------------------------------------------------------------ setup checks
+    def rotated(self, split: str) -> bool:
+        return self.rotations == "all" or (self.rotations == "train" and split == "train")
+
+    def spec(self, split: str) -> EpisodeSpec:
+        return self.train_spec if split == "train" else self.eval_spec
+
+    def _check(self, data: ClassImages) -> None:
+        h, w = self.images.shape[-2:]
+        if self.rotations != "none" and h != w:
+            raise ConfigError(
+                f"data.augment_rotations={self.rotations} needs square images, these are {h}x{w}; set it to none"
+            )
+        for split in SPLITS:
+            spec = self.spec(split)
+            prefix, note = ("", "") if split == "train" else ("eval_", " (eval_* default to the training values)")
+            n_classes = len(self.classes[split])
+            if spec.ways > n_classes:
+                raise ConfigError(
+                    f"data.{prefix}ways={spec.ways} exceeds the {n_classes} classes of the '{split}' split{note}; "
+                    f"choose data.{prefix}ways <= {n_classes}"
+                )
+            base = data.splits[split]
+            smallest = int(self.counts[base].argmin())
+            have = int(self.counts[base][smallest])
+            need = spec.shots + spec.queries
+            if need > have:
+                raise ConfigError(
+                    f"data.{prefix}shots + data.{prefix}queries = {spec.shots} + {spec.queries} = {need} exceeds the "
+                    f"{have} images of class {data.name(int(base[smallest]))} in the '{split}' split{note}; "
+                    f"lower data.{prefix}shots or data.{prefix}queries"
+                )
+
+    # ------------------------------------------------------------------ sampling
+    def _draw(self, split: SplitName, task_ids: Sequence[int], seed: int) -> tuple[Tensor, Tensor]:
+        """Class ids ``[T, N]`` in label order and image picks ``[T, N, K+Q]`` (positions in each class)."""
+        spec = self.spec(split)
+        classes = self.classes[split]
+        n, per, n_classes = spec.ways, spec.shots + spec.queries, len(classes)
+        uniform = self.uniform[split]
+        width = uniform or self.table.shape[1]
+        rows, keys = [], []
+        for i in task_ids:  # one draw per task from its own generator
+            u = torch.rand(n * (width + 1), generator=generator_for(seed, split, i), dtype=torch.float64)
+            rows.append(_random_arrangement(n_classes, u[:n].tolist()))
+            keys.append(u[n:])
+        chosen = torch.tensor(rows, dtype=torch.long).view(len(task_ids), n)
+        key = torch.stack(keys).view(len(task_ids), n, width)
+        ids = classes[chosen]
+        if uniform is None:  # never pick past the end of a smaller class
+            size = self.counts[ids // ROTATIONS].unsqueeze(-1)
+            key.masked_fill_(torch.arange(width) >= size, 2.0)
+        picks = key.argsort(dim=-1)[..., :per]
+        return ids, picks
+
+    def episode_classes(self, split: SplitName, task_ids: Sequence[int], seed: int) -> Tensor:
+        """Class ids ``[T, N]`` (``4c + r``) of the given tasks; column ``j`` carries label ``j``."""
+        return self._draw(split, task_ids, seed)[0]
+
+    def sample(self, split: SplitName, task_ids: list[int], seed: int) -> TaskBatch:
+        spec = self.spec(split)
+        ids, picks = self._draw(split, task_ids, seed)
+        t, n, k, q = len(task_ids), spec.ways, spec.shots, spec.queries
+        index = self.table[(ids // ROTATIONS).unsqueeze(-1), picks]  # [T, N, K+Q] image indices
+        rotation = ids % ROTATIONS if self.rotated(split) else None
+        labels = torch.arange(n)
+        # support and query are gathered separately so that each comes out contiguous
+        return TaskBatch(
+            support_x=self._gather(index[:, :, :k], rotation).view(t, n * k, *self.images.shape[1:]),
+            support_y=labels.repeat_interleave(k).repeat(t, 1),
+            query_x=self._gather(index[:, :, k:], rotation).view(t, n * q, *self.images.shape[1:]),
+            query_y=labels.repeat_interleave(q).repeat(t, 1),
+            spec=spec,
+            task_ids=torch.tensor(list(task_ids), dtype=torch.long),
+        )
+
+    def _gather(self, index: Tensor, rotation: Tensor | None) -> Tensor:
+        """Images ``[T, N, M, C, H, W]`` as float32, class ``[t, j]`` rotated by ``rotation[t, j]``."""
+        x = _take(self.images, index)
+        return _to_float(x if rotation is None else _rotate(x, rotation))
+
+    def flat_dataset(self, split: SplitName = "train") -> FlatClassDataset:
+        """All images of a split's classes (rotated copies included when augmented), labelled."""
+        return FlatClassDataset(self.images, self.table, self.counts, self.classes[split])
+
+
+class ClassificationConfig(DataConfig):
+    """Episode shapes for training and evaluation, and class augmentation."""
+
+    ways: int = Field(default=5, ge=1, description="N: classes per training episode")
+    shots: int = Field(default=1, ge=1, description="K: support images per class in training episodes")
+    queries: int = Field(default=15, ge=1, description="query images per class in training episodes")
+    eval_ways: int | None = Field(default=None, ge=1, description="classes per validation/test episode (null: ways)")
+    eval_shots: int | None = Field(default=None, ge=1, description="support images per class at validation/test (null: shots)")
+    eval_queries: int | None = Field(default=None, ge=1, description="query images per class at validation/test (null: queries)")
+    augment_rotations: RotationMode = Field(
+        default="none",
+        description="rotations by 90/180/270 degrees as new classes: none, train (meta-training classes) or all splits",
+    )
+
+    @property
+    def train_spec(self) -> EpisodeSpec:
+        return EpisodeSpec(self.ways, self.shots, self.queries)
+
+    @property
+    def eval_spec(self) -> EpisodeSpec:
+        return EpisodeSpec(
+            self.eval_ways if self.eval_ways is not None else self.ways,
+            self.eval_shots if self.eval_shots is not None else self.shots,
+            self.eval_queries if self.eval_queries is not None else self.queries,
+        )
+
+
+class ClassificationDataModule(EpisodicDataModule):
+    """Base of image-classification datamodules: implement ``image_shape`` and ``load_classes``."""
+
+    Config = ClassificationConfig
+    config: ClassificationConfig
+
+    @abstractmethod
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image, known from the config alone (no data loading)."""
+
+    @abstractmethod
+    def load_classes(self) -> ClassImages:
+        """Decoded images, the members of every class and the class splits (called once, in setup)."""
+
+    def task_info(self) -> TaskInfo:
+        return TaskInfo(
+            problem="classification",
+            in_shape=self.image_shape(),
+            train_ways=self.config.ways,
+            eval_ways=self.config.eval_spec.ways,
+        )
+
+    def build_sampler(self) -> ClassificationTasks:
+        data = self.load_classes()
+        got, want = tuple(data.images.shape[1:]), tuple(self.image_shape())
+        if got != want:
+            raise DataError(f"{type(self).__name__} loaded images of shape {got}, but image_shape() says {want}")
+        c = self.config
+        return ClassificationTasks(data, c.train_spec, c.eval_spec, c.augment_rotations)
+
+    @property
+    def tasks(self) -> ClassificationTasks:
+        """The episode sampler (loads the data on first use)."""
+        return cast(ClassificationTasks, self.sampler)
+
+    def flat_train_dataset(self) -> FlatClassDataset:
+        """The meta-training classes as a plain labelled dataset (for pre-training baselines)."""
+        return self.tasks.flat_dataset("train")
