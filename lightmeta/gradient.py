@@ -3,7 +3,9 @@
 Parameters are handled functionally (``torch.func.functional_call``) so the inner loop builds
 fast weights without touching the module. Hooks for subclasses:
 ``inner_param_names`` (which parameters adapt: ANIL the head, BOIL the body) and
-``inner_update`` (Meta-SGD's learned rates, MAML++'s per-step rates).
+``inner_update`` (Meta-SGD's learned rates, MAML++'s per-step rates), ``use_first_order``
+(MAML++'s derivative-order annealing), and the ``step`` argument of ``forward_with`` (the number
+of inner updates already applied to ``params``; MAML++ picks per-step BatchNorm state with it).
 """
 from __future__ import annotations
 
@@ -14,12 +16,20 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 from torch.func import functional_call
+from lightning.pytorch.utilities import rank_zero_info
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightmeta.episodes import EpisodeSpec, Task
+from lightmeta.batched import batched_task_metrics, batched_unsupported_reason
+from lightmeta.episodes import EpisodeSpec, Task, TaskBatch
 from lightmeta.meta_learner import AlgorithmConfig, MetaLearner
 
 Params = dict[str, Tensor]
+
+
+def param_key(name: str) -> str:
+    """A parameter name usable as an ``nn.ParameterDict``/buffer key (``features.0.weight`` ->
+    ``features__0__weight``), for per-parameter meta-learned state (Meta-SGD, MAML++)."""
+    return name.replace(".", "__")
 
 
 class GradientConfig(AlgorithmConfig):
@@ -27,6 +37,11 @@ class GradientConfig(AlgorithmConfig):
     inner_steps: int = Field(default=1, ge=1, description="inner steps during meta-training")
     eval_inner_steps: int = Field(default=10, ge=1, description="inner steps at validation/test")
     first_order: bool = Field(default=False, description="drop second-order terms of the meta-gradient")
+    batched_tasks: Literal["auto", "off"] = Field(
+        default="auto",
+        description="auto: adapt the meta-batch's tasks in one vmapped computation where it is proven "
+        "equal to the loop (no BatchNorm; see lightmeta/batched.py), else a Python loop over tasks",
+    )
     batch_norm: Literal["transductive", "inductive"] = Field(
         default="transductive",
         description="transductive: batch statistics of the current support/query set, in training "
@@ -56,6 +71,14 @@ class GradientMetaLearner(MetaLearner):
         lr = self.config.inner_lr
         return {k: p - lr * grads[k] for k, p in params.items()}
 
+    def use_first_order(self) -> bool:
+        """Whether this meta-training step drops second-order terms (default: ``first_order``)."""
+        return self.config.first_order
+
+    def num_inner_steps(self) -> int:
+        """Inner steps in the current mode: ``inner_steps`` in training, ``eval_inner_steps`` otherwise."""
+        return self.config.inner_steps if self.training else self.config.eval_inner_steps
+
     # ------------------------------------------------------------------ functional model
     @contextmanager
     def batch_norm_mode(self) -> Iterator[None]:
@@ -77,8 +100,12 @@ class GradientMetaLearner(MetaLearner):
             for m, training, track in saved:
                 m.training, m.track_running_stats = training, track
 
-    def forward_with(self, params: Params, x: Tensor) -> Tensor:
-        """The backbone applied to ``x`` with ``params`` replacing the named parameters."""
+    def forward_with(self, params: Params, x: Tensor, step: int | None = None) -> Tensor:
+        """The backbone applied to ``x`` with ``params`` replacing the named parameters.
+
+        ``step`` is the number of inner updates already applied to ``params`` (``None``: outside
+        an inner loop). The default ignores it; subclasses may use it for per-step state.
+        """
         with self.batch_norm_mode():
             return functional_call(self.model, params, (x,), strict=False)
 
@@ -100,7 +127,7 @@ class GradientMetaLearner(MetaLearner):
         """
         named = dict(self.model.named_parameters())
         differentiable = self.training and torch.is_grad_enabled()
-        create_graph = differentiable and not self.config.first_order
+        create_graph = differentiable and not self.use_first_order()
         if differentiable:
             params = {n: named[n] for n in self.inner_param_names()}
         else:
@@ -109,7 +136,7 @@ class GradientMetaLearner(MetaLearner):
             on_step(0, params)
         for step in range(steps):
             with torch.enable_grad():
-                loss = self.loss_fn(self.forward_with(params, support_x), support_y)
+                loss = self.loss_fn(self.forward_with(params, support_x, step), support_y)
                 grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
             params = self.inner_update(params, dict(zip(params, grads)), step)
             if not differentiable:
@@ -119,11 +146,27 @@ class GradientMetaLearner(MetaLearner):
         return params
 
     def adapt(self, support_x: Tensor, support_y: Tensor, spec: EpisodeSpec) -> Params:
-        steps = self.config.inner_steps if self.training else self.config.eval_inner_steps
-        return self.inner_loop(support_x, support_y, steps)
+        return self.inner_loop(support_x, support_y, self.num_inner_steps())
 
     def predict(self, state: Params, query_x: Tensor) -> Tensor:
-        return self.forward_with(state, query_x)
+        return self.forward_with(state, query_x, self.num_inner_steps())
+
+    # ------------------------------------------------------------------ batched meta-training
+    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """The meta-batch's inner loops in one vmapped computation when that is proven equal
+        to the per-task loop; otherwise (and with ``batched_tasks: off``) the loop."""
+        if self.config.batched_tasks == "auto" and torch.is_grad_enabled():
+            reason = batched_unsupported_reason(self)
+            if reason is None:
+                metrics = batched_task_metrics(self, batch, self.num_inner_steps())
+                loss = metrics["loss"].mean()
+                return loss, {k: v.mean().detach() for k, v in metrics.items()}
+            if not self._said_sequential:
+                self._said_sequential = True
+                rank_zero_info(f"{type(self).__name__}: adapting tasks one by one: {reason}")
+        return super().meta_loss(batch)
+
+    _said_sequential = False
 
     # ------------------------------------------------------------------ evaluation with curves
     def eval_metric_names(self) -> list[str]:
@@ -137,7 +180,7 @@ class GradientMetaLearner(MetaLearner):
 
         def record(step: int, params: Params) -> None:
             with torch.no_grad():
-                for k, v in self.task_metrics(self.forward_with(params, task.query_x), task.query_y).items():
+                for k, v in self.task_metrics(self.forward_with(params, task.query_x, step), task.query_y).items():
                     out[f"{k}_step{step}"] = v.detach()
 
         self.inner_loop(task.support_x, task.support_y, self.config.eval_inner_steps, on_step=record)
