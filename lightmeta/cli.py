@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     fit = sub.add_parser("fit", help="meta-train, then evaluate the best checkpoint on meta-test")
     _add_config_args(fit)
-    fit.add_argument("--ckpt", help="resume training from this checkpoint")
+    fit.add_argument("--ckpt", help="resume training from this checkpoint ('last': the experiment's newest last.ckpt)")
     fit.add_argument("--no-test", action="store_true", help="skip the final meta-test evaluation")
     for name, help_ in (("validate", "evaluate a checkpoint on the meta-validation tasks"),
                         ("test", "evaluate a checkpoint on the meta-test tasks")):
@@ -85,6 +85,9 @@ def _resolve(args: argparse.Namespace, ckpt: str | None = None) -> Any:
 
 
 def _report(run: Any, results: Any) -> None:
+    if run.stopped_at is not None:
+        print(f"\nstopped at step {run.trainer.global_step}; resumable checkpoint: {run.stopped_at}")
+        print(f"resume with: python -m lightmeta fit --ckpt {run.stopped_at} (or --ckpt last with the same config)")
     if results is not None:
         print()
         print(results.table())

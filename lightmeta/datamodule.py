@@ -52,18 +52,27 @@ class TaskSampler(ABC):
 
 
 class EpochSampler(Sampler[int]):
-    """Yields the global meta-batch indices of one epoch; Lightning calls ``set_epoch``."""
+    """Yields global meta-batch indices, one epoch per iteration, continuing where it stopped.
 
-    def __init__(self, batches_per_epoch: int) -> None:
+    The position is the number of meta-batches handed out so far (restored from a checkpoint on
+    resume), so iteration ``e`` yields ``e*L .. e*L+L-1`` and a run resumed mid-epoch continues
+    with exactly the batches the uninterrupted run would have drawn. Lightning's ``set_epoch`` is
+    deliberately ignored: its epoch count after a resume is not the number of epochs consumed.
+    """
+
+    def __init__(self, batches_per_epoch: int, position: int = 0) -> None:
         self.batches_per_epoch = batches_per_epoch
-        self.epoch = 0
+        self.position = position
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """No-op, see the class docstring."""
 
     def __iter__(self) -> Iterator[int]:
-        start = self.epoch * self.batches_per_epoch
-        return iter(range(start, start + self.batches_per_epoch))
+        start = self.position
+        end = (start // self.batches_per_epoch + 1) * self.batches_per_epoch
+        for index in range(start, end):
+            self.position = index + 1
+            yield index
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -117,6 +126,7 @@ class EpisodicDataModule(L.LightningDataModule, ABC):
         self.config = config
         self.seed = seed
         self._sampler: TaskSampler | None = None
+        self._resume = 0  # meta-batches already trained on, restored from a checkpoint
 
     @classmethod
     def example_config(cls, workdir: Path) -> dict[str, Any]:
@@ -172,7 +182,19 @@ class EpisodicDataModule(L.LightningDataModule, ABC):
                 "choose a multiple so every rank adapts the same number of tasks"
             )
         episodes = TrainEpisodes(self.sampler, self.seed, m, rank, world)
-        return self._loader(episodes, EpochSampler(self.config.train_batches_per_epoch))
+        position, self._resume = self._resume, 0
+        return self._loader(episodes, EpochSampler(self.config.train_batches_per_epoch, position))
+
+    # ------------------------------------------------------------------ exact resume
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: how far into the current epoch's episode stream training got."""
+        trainer = self.trainer
+        done = trainer.fit_loop.epoch_loop.batch_progress.total.completed if trainer is not None else 0
+        return {"train_batches_done": int(done)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A resumed run continues the episode stream where the checkpoint left it."""
+        self._resume = int(state_dict.get("train_batches_done", 0))
 
     def eval_episodes(self, split: Literal["val", "test"]) -> EvalEpisodes:
         rank, world = self._rank_world()

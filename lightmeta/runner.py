@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightmeta.checkpointing import GracefulStop, SafeCheckpointIO, resolve_checkpoint, safe_load
 from lightmeta.config import RunConfig, config_to_yaml
 from lightmeta.datamodule import EpisodicDataModule
 from lightmeta.errors import ConfigError, LightmetaError
@@ -33,6 +34,14 @@ class Run:
     trainer: L.Trainer
     run_dir: Path
     wandb_sync_dir: Path | None = None
+
+    @property
+    def stopped_at(self) -> Path | None:
+        """The resumable checkpoint written when SIGTERM or Ctrl-C stopped training, if any."""
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, GracefulStop):
+                return cb.stopped_at
+        return None
 
     def finish(self) -> None:
         """Close loggers that hold a process or file open (W&B), remembering where offline runs are."""
@@ -140,6 +149,7 @@ def build_trainer(cfg: RunConfig, learner: MetaLearner, run_dir: Path, loggers: 
                 auto_insert_metric_name=False,
             )
         )
+    callbacks.append(GracefulStop(run_dir / "checkpoints"))  # SIGTERM / Ctrl-C -> resumable last.ckpt
     return L.Trainer(
         max_steps=t.max_steps,
         max_epochs=t.max_epochs,
@@ -157,6 +167,7 @@ def build_trainer(cfg: RunConfig, learner: MetaLearner, run_dir: Path, loggers: 
         enable_checkpointing=cfg.checkpoint.enabled,
         logger=loggers or False,
         callbacks=callbacks,
+        plugins=[SafeCheckpointIO()],  # atomic saves, weights-only loads
         default_root_dir=str(run_dir),
         # gradient-based learners adapt (take gradients) during validation and test
         inference_mode=not learner.needs_grad_at_eval,
@@ -184,9 +195,17 @@ def _test_results(run: Run, n_tasks: int) -> Results:
 
 def fit(cfg: RunConfig, ckpt_path: str | None = None, test: bool = True) -> tuple[Run, Results | None]:
     """Train; then evaluate the best (meta-validation) checkpoint on the meta-test tasks."""
+    if ckpt_path is not None:
+        ckpt_path = resolve_checkpoint(ckpt_path, cfg.output_dir, cfg.experiment)
+        read_checkpoint_meta(ckpt_path)  # exists, loads safely, was written by lightmeta
     run = build_run(cfg)
     try:
-        run.trainer.fit(run.learner, datamodule=run.datamodule, ckpt_path=ckpt_path)
+        try:
+            run.trainer.fit(run.learner, datamodule=run.datamodule, ckpt_path=ckpt_path)
+        except SIGTERMException:
+            if run.stopped_at is None:
+                raise
+            return run, None  # pre-empted: resume with fit --ckpt last
         if not test:
             return run, None
         best = _best_checkpoint(run)
@@ -213,13 +232,7 @@ def load_learner(ckpt_path: str | Path) -> MetaLearner:
 def read_checkpoint_meta(ckpt_path: str | Path) -> dict[str, Any]:
     """The ``lightmeta`` block of a checkpoint (algorithm name, run config); never runs pickled code."""
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise LightmetaError(f"checkpoint '{path}' does not exist; pass --ckpt PATH to a .ckpt written by fit")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise LightmetaError(f"checkpoint '{path}' cannot be loaded safely ({type(exc).__name__}): "
-                             "it is corrupt or not a lightmeta checkpoint") from None
+    ckpt = safe_load(path)
     meta = ckpt.get("lightmeta") if isinstance(ckpt, dict) else None
     if not isinstance(meta, dict) or "algorithm" not in meta:
         raise LightmetaError(f"checkpoint '{path}' was not written by lightmeta (no 'lightmeta' block)")
