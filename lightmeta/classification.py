@@ -13,7 +13,16 @@ A datamodule for an image dataset implements two methods of :class:`Classificati
 * with rotation augmentation a base class ``c`` becomes four classes ``4c + r`` whose images
   are rotated by ``r * 90`` degrees (applied with ``torch.rot90`` on the gathered batch);
   class ids are ``4c + r`` throughout (``r = 0`` without augmentation);
-* sampling indexes the decoded tensor once per meta-batch: no per-image Python code.
+* sampling indexes the decoded tensor once per meta-batch: no per-image Python code;
+* variable ways/shots (``data.ways_range`` / ``data.shots_range``, as Meta-Dataset samples
+  episode shapes): a :class:`TaskBatch` stacks tasks of one spec, so the spec is drawn per
+  *meta-batch*: training tasks ``b*M .. b*M+M-1`` (``M`` = ``data.meta_batch_size``) share the
+  spec drawn from ``generator_for(seed, "train-spec", b)``, uniform over each range
+  (inclusive). Every DDP rank's share of meta-batch ``b`` therefore has the same spec, and a
+  resumed run draws the same specs. Evaluation episodes keep the fixed ``eval_*`` spec, so
+  reported figures stay comparable; all classes of an episode have the same shots;
+* augmentation (``data.augment``: crop with padding, flip, colour jitter) is applied to
+  training episodes only, batched, by :mod:`lightmeta.augment`.
 
 Pixels: ``uint8`` images come out as ``float32`` in ``[0, 1]`` (value / 255); floating-point
 images are cast to ``float32`` unchanged. No normalisation is applied. Datasets whose float32
@@ -24,13 +33,14 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Literal, Sequence, cast
+from typing import Any, ClassVar, Literal, Sequence, cast
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from lightmeta.augment import AugmentConfig, augment_task_batch
 from lightmeta.datamodule import DataConfig, EpisodicDataModule, SplitName, TaskSampler
 from lightmeta.episodes import EpisodeSpec, TaskBatch
 from lightmeta.errors import ConfigError, DataError
@@ -191,18 +201,71 @@ class FlatClassDataset(Dataset):
         return list(zip(x, y))
 
 
+@dataclass(frozen=True)
+class EpisodeSpecs:
+    """The episode spec of every task: fixed, or drawn per training meta-batch from ranges.
+
+    Training tasks ``b*group .. b*group+group-1`` share the spec drawn from
+    ``generator_for(seed, "train-spec", b)`` (``group`` = the meta-batch size); a call's spec
+    is that of its first task's meta-batch. Validation and test use ``eval`` always.
+    """
+
+    train: EpisodeSpec
+    eval: EpisodeSpec
+    ways_range: tuple[int, int] | None = None
+    shots_range: tuple[int, int] | None = None
+    group: int = 1
+
+    STREAM: ClassVar[str] = "train-spec"
+
+    @property
+    def variable(self) -> bool:
+        return self.ways_range is not None or self.shots_range is not None
+
+    @property
+    def largest_train(self) -> EpisodeSpec:
+        """The widest training spec the ranges allow (what the data must support)."""
+        ways = self.ways_range[1] if self.ways_range else self.train.ways
+        shots = self.shots_range[1] if self.shots_range else self.train.shots
+        return EpisodeSpec(ways, shots, self.train.queries)
+
+    def spec(self, split: str, task_ids: Sequence[int], seed: int) -> EpisodeSpec:
+        if split != "train":
+            return self.eval
+        if not self.variable or not len(task_ids):
+            return self.train
+        g = generator_for(seed, self.STREAM, int(task_ids[0]) // self.group)
+        draws = torch.rand(2, generator=g, dtype=torch.float64).tolist()
+
+        def pick(u: float, bounds: tuple[int, int] | None, fixed: int) -> int:
+            if bounds is None:
+                return fixed
+            lo, hi = bounds
+            return lo + min(int(u * (hi - lo + 1)), hi - lo)
+
+        return EpisodeSpec(pick(draws[0], self.ways_range, self.train.ways),
+                           pick(draws[1], self.shots_range, self.train.shots), self.train.queries)
+
+
 class ClassificationTasks(TaskSampler):
     """N-way K-shot Q-query episodes from a :class:`ClassImages`; picklable.
 
     ``train_spec`` shapes training episodes, ``eval_spec`` validation and test episodes.
     ``rotations``: ``none``, ``train`` (rotated copies are new meta-training classes) or ``all``
-    (every split). Impossible specs raise :class:`ConfigError` here, at setup.
+    (every split). ``ways_range``/``shots_range`` make training specs vary per meta-batch of
+    ``spec_group`` tasks (see :class:`EpisodeSpecs`); ``augment`` augments training episodes.
+    Impossible specs raise :class:`ConfigError` here, at setup.
     """
 
     def __init__(self, data: ClassImages, train_spec: EpisodeSpec, eval_spec: EpisodeSpec,
-                 rotations: RotationMode = "none") -> None:
+                 rotations: RotationMode = "none", *, ways_range: tuple[int, int] | None = None,
+                 shots_range: tuple[int, int] | None = None, spec_group: int = 1,
+                 augment: AugmentConfig | None = None) -> None:
         self.images = _stored(data.images)
+        self.unit_range = data.images.dtype == torch.uint8  # pixels in [0, 1]: jitter may clamp
         self.train_spec, self.eval_spec, self.rotations = train_spec, eval_spec, rotations
+        self.specs = EpisodeSpecs(train_spec, eval_spec, ways_range, shots_range, spec_group)
+        self.augment = augment or AugmentConfig()
         self.class_names = data.class_names
         self.counts = torch.tensor([len(m) for m in data.members], dtype=torch.long)
         self.table = torch.zeros(data.num_classes, max((len(m) for m in data.members), default=0), dtype=torch.long)
@@ -223,6 +286,7 @@ class ClassificationTasks(TaskSampler):
         return self.rotations == "all" or (self.rotations == "train" and split == "train")
 
     def spec(self, split: str) -> EpisodeSpec:
+        """The configured spec of a split (training: ``ways``/``shots``, before any range draw)."""
         return self.train_spec if split == "train" else self.eval_spec
 
     def _check(self, data: ClassImages) -> None:
@@ -232,13 +296,15 @@ class ClassificationTasks(TaskSampler):
                 f"data.augment_rotations={self.rotations} needs square images, these are {h}x{w}; set it to none"
             )
         for split in SPLITS:
-            spec = self.spec(split)
+            spec = self.specs.largest_train if split == "train" else self.eval_spec
             prefix, note = ("", "") if split == "train" else ("eval_", " (eval_* default to the training values)")
+            ways_name = "ways_range[1]" if split == "train" and self.specs.ways_range else f"{prefix}ways"
+            shots_name = "shots_range[1]" if split == "train" and self.specs.shots_range else f"{prefix}shots"
             n_classes = len(self.classes[split])
             if spec.ways > n_classes:
                 raise ConfigError(
-                    f"data.{prefix}ways={spec.ways} exceeds the {n_classes} classes of the '{split}' split{note}; "
-                    f"choose data.{prefix}ways <= {n_classes}"
+                    f"data.{ways_name}={spec.ways} exceeds the {n_classes} classes of the '{split}' split{note}; "
+                    f"choose data.{ways_name} <= {n_classes}"
                 )
             base = data.splits[split]
             smallest = int(self.counts[base].argmin())
@@ -246,15 +312,18 @@ class ClassificationTasks(TaskSampler):
             need = spec.shots + spec.queries
             if need > have:
                 raise ConfigError(
-                    f"data.{prefix}shots + data.{prefix}queries = {spec.shots} + {spec.queries} = {need} exceeds the "
+                    f"data.{shots_name} + data.{prefix}queries = {spec.shots} + {spec.queries} = {need} exceeds the "
                     f"{have} images of class {data.name(int(base[smallest]))} in the '{split}' split{note}; "
-                    f"lower data.{prefix}shots or data.{prefix}queries"
+                    f"lower data.{shots_name} or data.{prefix}queries"
                 )
 
     # ------------------------------------------------------------------ sampling
-    def _draw(self, split: SplitName, task_ids: Sequence[int], seed: int) -> tuple[Tensor, Tensor]:
+    def episode_spec(self, split: SplitName, task_ids: Sequence[int], seed: int) -> EpisodeSpec:
+        """The spec of these tasks: fixed, or drawn for their training meta-batch."""
+        return self.specs.spec(split, task_ids, seed)
+
+    def _draw(self, split: SplitName, task_ids: Sequence[int], seed: int, spec: EpisodeSpec) -> tuple[Tensor, Tensor]:
         """Class ids ``[T, N]`` in label order and image picks ``[T, N, K+Q]`` (positions in each class)."""
-        spec = self.spec(split)
         classes = self.classes[split]
         n, per, n_classes = spec.ways, spec.shots + spec.queries, len(classes)
         uniform = self.uniform[split]
@@ -275,11 +344,17 @@ class ClassificationTasks(TaskSampler):
 
     def episode_classes(self, split: SplitName, task_ids: Sequence[int], seed: int) -> Tensor:
         """Class ids ``[T, N]`` (``4c + r``) of the given tasks; column ``j`` carries label ``j``."""
-        return self._draw(split, task_ids, seed)[0]
+        return self._draw(split, task_ids, seed, self.episode_spec(split, task_ids, seed))[0]
 
     def sample(self, split: SplitName, task_ids: list[int], seed: int) -> TaskBatch:
-        spec = self.spec(split)
-        ids, picks = self._draw(split, task_ids, seed)
+        batch = self.sample_spec(split, task_ids, seed, self.episode_spec(split, task_ids, seed))
+        if split == "train" and self.augment.active:
+            batch = augment_task_batch(batch, self.augment, seed, clamp=self.unit_range)
+        return batch
+
+    def sample_spec(self, split: SplitName, task_ids: Sequence[int], seed: int, spec: EpisodeSpec) -> TaskBatch:
+        """Tasks of a given spec, not augmented (the mixture datamodule draws specs itself)."""
+        ids, picks = self._draw(split, task_ids, seed, spec)
         t, n, k, q = len(task_ids), spec.ways, spec.shots, spec.queries
         index = self.table[(ids // ROTATIONS).unsqueeze(-1), picks]  # [T, N, K+Q] image indices
         rotation = ids % ROTATIONS if self.rotated(split) else None
@@ -304,8 +379,11 @@ class ClassificationTasks(TaskSampler):
         return FlatClassDataset(self.images, self.table, self.counts, self.classes[split])
 
 
-class ClassificationConfig(DataConfig):
-    """Episode shapes for training and evaluation, and class augmentation."""
+Range = tuple[int, int]
+
+
+class EpisodeConfig(DataConfig):
+    """Episode shapes for training and evaluation, variable shapes, and augmentation."""
 
     ways: int = Field(default=5, ge=1, description="N: classes per training episode")
     shots: int = Field(default=1, ge=1, description="K: support images per class in training episodes")
@@ -313,10 +391,21 @@ class ClassificationConfig(DataConfig):
     eval_ways: int | None = Field(default=None, ge=1, description="classes per validation/test episode (null: ways)")
     eval_shots: int | None = Field(default=None, ge=1, description="support images per class at validation/test (null: shots)")
     eval_queries: int | None = Field(default=None, ge=1, description="query images per class at validation/test (null: queries)")
-    augment_rotations: RotationMode = Field(
-        default="none",
-        description="rotations by 90/180/270 degrees as new classes: none, train (meta-training classes) or all splits",
+    ways_range: Range | None = Field(
+        default=None, description="[lo, hi]: training episodes draw their ways uniformly from lo..hi, one draw per meta-batch (null: ways)"
     )
+    shots_range: Range | None = Field(
+        default=None, description="[lo, hi]: training episodes draw their shots uniformly from lo..hi, one draw per meta-batch (null: shots)"
+    )
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="batched augmentation of training episodes")
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> "EpisodeConfig":
+        for name in ("ways_range", "shots_range"):
+            bounds = getattr(self, name)
+            if bounds is not None and not 1 <= bounds[0] <= bounds[1]:
+                raise ValueError(f"{name}={list(bounds)} must be [lo, hi] with 1 <= lo <= hi")
+        return self
 
     @property
     def train_spec(self) -> EpisodeSpec:
@@ -330,12 +419,35 @@ class ClassificationConfig(DataConfig):
             self.eval_queries if self.eval_queries is not None else self.queries,
         )
 
+    def episode_specs(self) -> EpisodeSpecs:
+        """The spec of every task; training specs vary per meta-batch when a range is set."""
+        return EpisodeSpecs(self.train_spec, self.eval_spec, self.ways_range, self.shots_range, self.meta_batch_size)
+
+    @property
+    def max_train_ways(self) -> int:
+        """Ways of the widest training episode (the classifier head width of head-based learners)."""
+        return self.ways_range[1] if self.ways_range else self.ways
+
+
+class ClassificationConfig(EpisodeConfig):
+    """Episode shapes for training and evaluation, class augmentation and image augmentation."""
+
+    augment_rotations: RotationMode = Field(
+        default="none",
+        description="rotations by 90/180/270 degrees as new classes: none, train (meta-training classes) or all splits",
+    )
+
 
 class ClassificationDataModule(EpisodicDataModule):
-    """Base of image-classification datamodules: implement ``image_shape`` and ``load_classes``."""
+    """Base of image-classification datamodules: implement ``image_shape`` and ``load_classes``.
+
+    ``default_model`` is the backbone a run switches to when ``data=NAME`` selects this
+    datamodule on the command line without a ``model`` override (see :mod:`lightmeta.config`).
+    """
 
     Config = ClassificationConfig
     config: ClassificationConfig
+    default_model: ClassVar[dict[str, Any] | None] = {"name": "conv4"}
 
     @abstractmethod
     def image_shape(self) -> tuple[int, int, int]:
@@ -349,7 +461,7 @@ class ClassificationDataModule(EpisodicDataModule):
         return TaskInfo(
             problem="classification",
             in_shape=self.image_shape(),
-            train_ways=self.config.ways,
+            train_ways=self.config.max_train_ways,
             eval_ways=self.config.eval_spec.ways,
         )
 
@@ -359,7 +471,8 @@ class ClassificationDataModule(EpisodicDataModule):
         if got != want:
             raise DataError(f"{type(self).__name__} loaded images of shape {got}, but image_shape() says {want}")
         c = self.config
-        return ClassificationTasks(data, c.train_spec, c.eval_spec, c.augment_rotations)
+        return ClassificationTasks(data, c.train_spec, c.eval_spec, c.augment_rotations, ways_range=c.ways_range,
+                                   shots_range=c.shots_range, spec_group=c.meta_batch_size, augment=c.augment)
 
     @property
     def tasks(self) -> ClassificationTasks:

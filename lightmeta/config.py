@@ -143,13 +143,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     """Apply ``key.path=value`` overrides to a raw config.
 
     ``algorithm=protonet`` is short for ``algorithm.name=protonet``; switching a plug-in
-    section to another plug-in drops the old plug-in's parameters.
+    section to another plug-in drops the old plug-in's parameters. Switching the data plug-in
+    to one that declares a ``default_model`` (image datamodules: Conv4) also switches the model
+    to it, unless an override sets the model or the model already has that name: so
+    ``data=imagefolder`` works from the default (MLP) config.
     """
     out = copy.deepcopy(raw)
+    data_switched, model_set = False, False
     for text in overrides:
         path, value = parse_override(text)
         if len(path) == 1 and path[0] in (*PLUGIN_SECTIONS, "logger") and isinstance(value, str):
             path = [path[0], "name"]
+        model_set = model_set or path[0] == "model"
+        if path == ["data", "name"] and (out.get("data") or {}).get("name") != value:
+            data_switched = True
         node = out
         for i, part in enumerate(path[:-1]):
             child = node.get(part)
@@ -162,7 +169,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if leaf == "name" and len(path) == 2 and path[0] in PLUGIN_SECTIONS and node.get("name") != value:
             node.clear()
         node[leaf] = value
+    if data_switched and not model_set:
+        _apply_default_model(out)
     return out
+
+
+def _apply_default_model(raw: dict[str, Any]) -> None:
+    """Replace the model section by the data plug-in's ``default_model`` (if it has one)."""
+    try:
+        default = getattr(DATAMODULES.get(str(raw["data"]["name"])), "default_model", None)
+    except PluginError:
+        return  # validation reports the unknown name
+    model = raw.get("model")
+    if default and not (isinstance(model, dict) and model.get("name") == default.get("name")):
+        raw["model"] = copy.deepcopy(dict(default))
 
 
 # ---------------------------------------------------------------------- validation

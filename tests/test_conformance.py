@@ -8,6 +8,8 @@ import pytest
 from lightmeta import ALGORITHMS, DATAMODULES
 from lightmeta.testing import check_algorithm_config, check_algorithm_fit, check_algorithm_step, check_datamodule
 
+from helpers import require_peer
+
 
 @pytest.mark.parametrize("name", ALGORITHMS.names())
 def test_algorithm_config(name: str) -> None:
@@ -26,4 +28,7 @@ def test_algorithm_fit_test_and_checkpoint(name: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", DATAMODULES.names())
 def test_datamodule_contract(name: str, tmp_path: Path) -> None:
+    peer = getattr(DATAMODULES.get(name), "peer", None)  # e.g. the learn2learn bridge
+    if peer:
+        require_peer(peer)
     check_datamodule(name, tmp_path)
