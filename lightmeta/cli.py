@@ -1,4 +1,4 @@
-"""``python -m lightmeta {fit,validate,test,list,config}``.
+"""``python -m lightmeta {fit,validate,test,list,config,report}``.
 
 Bad input (config, names, paths) prints one ``error:`` line and exits with code 2 (1 for
 other user-facing failures), never a traceback.
@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(cfg)
     cfg.add_argument("--schema", action="store_true", help="print the JSON schema of run configs instead")
+    rep = sub.add_parser("report", help="compare the meta-test results of runs: markdown table and PNG bar chart")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by fit or test")
+    rep.add_argument("--metric", help="metric to compare, e.g. acc, loss, acc_step0 (default: acc, or loss for regression)")
+    rep.add_argument("--out", default=".", help="folder for report.md and report.png (default: current folder)")
     return parser
 
 
@@ -108,6 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(json_schema(), indent=2))
             else:
                 print(config_to_yaml(_resolve(args)), end="")
+        elif args.command == "report":
+            from lightmeta.report import report
+
+            text, md_path, png_path = report(args.run_dirs, args.out, args.metric)
+            print(text)
+            print(f"\nwritten: {md_path}, {png_path}")
         elif args.command == "fit":
             from lightmeta.runner import fit
 

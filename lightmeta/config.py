@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model
 
+from lightmeta.dashboard import DashboardConfig
 from lightmeta.errors import ConfigError, PluginError
 from lightmeta.registry import ALGORITHMS, DATAMODULES, MODELS, Registry, did_you_mean
 
@@ -73,6 +74,7 @@ class RunConfigBase(_Strict):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     logger: LoggerConfig = Field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
 
 
 class RunConfig(RunConfigBase):
@@ -81,6 +83,13 @@ class RunConfig(RunConfigBase):
     algorithm: Any
     model: Any
     data: Any
+    _source: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> Path | None:
+        """The YAML file the config was loaded from (``None``: from a checkpoint or a dict); its
+        header's ``# paper:`` lines are the figures the run is compared with (lightmeta.paper)."""
+        return self._source
 
     def params(self, section: str) -> dict[str, Any]:
         """A plug-in section's parameters without ``name``."""
@@ -247,8 +256,11 @@ def load_config(config: str | None = None, overrides: list[str] | None = None,
 
     ``base`` replaces the file as the starting point (a checkpoint's stored config).
     """
-    raw = base if base is not None and config is None else load_yaml(resolve_config_path(config or DEFAULT_CONFIG))
-    return validate_config(apply_overrides(raw, overrides or []))
+    source = None if base is not None and config is None else resolve_config_path(config or DEFAULT_CONFIG)
+    raw = base if source is None else load_yaml(source)
+    cfg = validate_config(apply_overrides(raw, overrides or []))
+    cfg._source = source
+    return cfg
 
 
 def config_to_yaml(cfg: RunConfig) -> str:

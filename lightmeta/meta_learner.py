@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightmeta.episodes import EpisodeSpec, Task, TaskBatch
 from lightmeta.metrics import MeanCI
@@ -84,6 +85,8 @@ class MetaLearner(L.LightningModule, ABC):
             {split: nn.ModuleDict({k: MeanCI() for k in self.eval_metric_names()}) for split in ("val", "test")}
         )
         self.last_results: dict[str, dict[str, float]] = {}
+        #: detached metrics of the latest training step (``meta_loss``'s logs), for callbacks
+        self.last_train_metrics: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ the contract
     @abstractmethod
@@ -149,6 +152,7 @@ class MetaLearner(L.LightningModule, ABC):
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
         loss, logs = self.meta_loss(batch)
+        self.last_train_metrics = logs
         bs = len(batch)
         for k, v in logs.items():
             self.log(f"train/{k}", v, prog_bar=(k == "loss"), batch_size=bs)
@@ -193,6 +197,34 @@ class MetaLearner(L.LightningModule, ABC):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
+
+    # ------------------------------------------------------------------ dashboard hooks
+    def predict_unadapted(self, x: Tensor) -> Tensor | None:
+        """Predictions of the meta-parameters before any adaptation (step 0 of the adaptation
+        curve; ``train/loss_step0`` on the dashboard), without gradients or side effects.
+
+        Default: the forward of a learner with a head (for :class:`GradientMetaLearner` the
+        network with its meta-parameters); ``None`` (nothing to report) for learners without a
+        head or a forward, e.g. metric learners. BatchNorm normalises as in the module's mode
+        but its running statistics are left untouched.
+        """
+        if not self.uses_head or type(self).forward is L.LightningModule.forward:
+            return None
+        norms = [m for m in self.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+        for m in norms:
+            m.track_running_stats = False
+        try:
+            with torch.no_grad():
+                return self(x)
+        finally:
+            for m in norms:
+                m.track_running_stats = True
+
+    def extra_train_metrics(self) -> dict[str, Tensor]:
+        """Extra scalars logged at every training step under their own names (e.g.
+        ``lr/inner/<layer>/step<k>``); default none. Learned rates kept in an ``inner_lrs``
+        ``nn.ParameterDict`` are logged without this hook (:mod:`lightmeta.callbacks`)."""
+        return {}
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:

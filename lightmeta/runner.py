@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightmeta.checkpointing import GracefulStop, SafeCheckpointIO, resolve_checkpoint, safe_load
 from lightmeta.config import RunConfig, config_to_yaml
+from lightmeta.dashboard import dashboard_callbacks
 from lightmeta.datamodule import EpisodicDataModule
 from lightmeta.errors import ConfigError, LightmetaError
 from lightmeta.meta_learner import MetaLearner
@@ -124,7 +125,10 @@ def build_loggers(cfg: RunConfig, run_dir: Path) -> list[Logger]:
         name=f"{cfg.experiment}/{run_dir.name}",
         group=cfg.experiment,
         save_dir=str(run_dir),
-        offline=offline,
+        # WandbLogger refuses log_model with offline=True; wandb.init's mode keeps the run offline
+        # and `wandb sync` uploads its checkpoint artifacts later
+        offline=offline and not lc.log_model,
+        mode="offline" if offline else None,
         log_model=lc.log_model,
         tags=tags,
         config=cfg.to_dict(),
@@ -150,6 +154,7 @@ def build_trainer(cfg: RunConfig, learner: MetaLearner, run_dir: Path, loggers: 
             )
         )
     callbacks.append(GracefulStop(run_dir / "checkpoints"))  # SIGTERM / Ctrl-C -> resumable last.ckpt
+    callbacks.extend(dashboard_callbacks(cfg, run_dir))  # W&B media, PNG figures, overfitting monitor
     return L.Trainer(
         max_steps=t.max_steps,
         max_epochs=t.max_epochs,
