@@ -3,15 +3,20 @@
 A Python loop over tasks launches many tiny kernels per task; vmapping the per-task inner loop
 runs the meta-batch as one batched computation with the same meta-gradient.
 
-BatchNorm is the trap: vmap over tasks gives wrong second-order meta-gradients through
-``batch_norm``'s backward (pytorch/functorch #534; ``../shared/repro/
-vmap_batchnorm_meta_gradient.py``), so models with BatchNorm always use the sequential loop.
-Every gradient-based algorithm is tested batched vs sequential (float64, first and second
-order) in ``tests/test_batched.py``.
+BatchNorm is the trap: vmap over tasks gives wrong second-order meta-gradients through the
+fused ``batch_norm`` kernel's backward (pytorch/functorch #534; ``../shared/repro/
+vmap_batchnorm_meta_gradient.py``). In transductive mode (batch statistics, no running
+statistics) the batched path therefore swaps every BatchNorm's forward for the same
+normalisation written with plain tensor ops (:func:`composite_batch_norm`), whose vmapped double
+backward is exact; inductive BatchNorm (running statistics updated during training) keeps the
+sequential loop. Every gradient-based algorithm is tested batched vs sequential (float64, first
+and second order, with and without BatchNorm) in ``tests/test_batched.py``.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import types
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -40,10 +45,39 @@ def batched_unsupported_reason(learner: "GradientMetaLearner") -> str | None:
                   if getattr(type(learner), name) is not getattr(GradientMetaLearner, name)]
     if overridden:
         return f"{type(learner).__name__} overrides {', '.join(overridden)}, which the batched path does not call"
-    if has_batch_norm(learner.model):
-        return ("the model has BatchNorm, whose vmapped double backward gives wrong meta-gradients "
-                "(pytorch/functorch #534)")
+    if has_batch_norm(learner.model) and learner.config.batch_norm != "transductive":
+        return ("the model has inductive BatchNorm (running statistics updated per task), which a "
+                "batched computation cannot reproduce")
     return None
+
+
+def composite_batch_norm(module: _BatchNorm, x: Tensor) -> Tensor:
+    """Batch-statistics normalisation in plain ops (what transductive BatchNorm computes).
+
+    Equal to ``F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)``, but its
+    vmapped double backward is exact, unlike the fused kernel's (functorch #534).
+    """
+    dims = [0, *range(2, x.dim())]
+    mean = x.mean(dims, keepdim=True)
+    var = x.var(dims, unbiased=False, keepdim=True)
+    y = (x - mean) * torch.rsqrt(var + module.eps)
+    if module.affine:
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        y = y * module.weight.view(shape) + module.bias.view(shape)
+    return y
+
+
+@contextmanager
+def composite_batch_norms(model: nn.Module) -> Iterator[None]:
+    """Route every BatchNorm of ``model`` through :func:`composite_batch_norm` for a while."""
+    modules = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    for m in modules:
+        m.forward = types.MethodType(composite_batch_norm, m)  # instance attribute shadows the class method
+    try:
+        yield
+    finally:
+        for m in modules:
+            del m.forward
 
 
 def batched_task_metrics(learner: "GradientMetaLearner", batch: TaskBatch, steps: int) -> dict[str, Tensor]:
@@ -68,4 +102,5 @@ def batched_task_metrics(learner: "GradientMetaLearner", batch: TaskBatch, steps
             fast = learner.inner_update(fast, grads, step)
         return learner.task_metrics(learner.forward_with(fast, qx, steps), qy)
 
-    return vmap(one_task)(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+    with composite_batch_norms(learner.model):
+        return vmap(one_task)(batch.support_x, batch.support_y, batch.query_x, batch.query_y)

@@ -19,7 +19,7 @@ from torch.func import functional_call
 from lightning.pytorch.utilities import rank_zero_info
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightmeta.batched import batched_task_metrics, batched_unsupported_reason
+from lightmeta.batched import batched_task_metrics, batched_unsupported_reason, has_batch_norm
 from lightmeta.episodes import EpisodeSpec, Task, TaskBatch
 from lightmeta.meta_learner import AlgorithmConfig, MetaLearner
 
@@ -37,10 +37,11 @@ class GradientConfig(AlgorithmConfig):
     inner_steps: int = Field(default=1, ge=1, description="inner steps during meta-training")
     eval_inner_steps: int = Field(default=10, ge=1, description="inner steps at validation/test")
     first_order: bool = Field(default=False, description="drop second-order terms of the meta-gradient")
-    batched_tasks: Literal["auto", "off"] = Field(
+    batched_tasks: Literal["auto", "on", "off"] = Field(
         default="auto",
-        description="auto: adapt the meta-batch's tasks in one vmapped computation where it is proven "
-        "equal to the loop (no BatchNorm; see lightmeta/batched.py), else a Python loop over tasks",
+        description="on: adapt the meta-batch's tasks in one vmapped computation where it is proven equal "
+        "to the per-task loop (see lightmeta/batched.py); auto: the same, except for BatchNorm models on "
+        "CPU, where the loop is faster; off: always the loop",
     )
     batch_norm: Literal["transductive", "inductive"] = Field(
         default="transductive",
@@ -155,8 +156,11 @@ class GradientMetaLearner(MetaLearner):
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """The meta-batch's inner loops in one vmapped computation when that is proven equal
         to the per-task loop; otherwise (and with ``batched_tasks: off``) the loop."""
-        if self.config.batched_tasks == "auto" and torch.is_grad_enabled():
+        if self.config.batched_tasks != "off" and torch.is_grad_enabled():
             reason = batched_unsupported_reason(self)
+            if reason is None and self.config.batched_tasks == "auto" and batch.support_x.device.type == "cpu" \
+                    and has_batch_norm(self.model):
+                reason = "BatchNorm on CPU: the per-task loop is faster there (batched_tasks: on forces vmap)"
             if reason is None:
                 metrics = batched_task_metrics(self, batch, self.num_inner_steps())
                 loss = metrics["loss"].mean()

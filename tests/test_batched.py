@@ -38,14 +38,44 @@ def test_batched_meta_gradient_equals_sequential(name: str, first_order: bool) -
     learner = cls({"inner_lr": 0.05, "inner_steps": 3, "first_order": first_order}, model=model, task=REGRESSION).double()
     learner.train()
     batch = _batch(torch.float64)
+    _assert_batched_equals_sequential(learner, batch)
+
+
+def _assert_batched_equals_sequential(learner: GradientMetaLearner, batch: TaskBatch) -> None:
     learner.config.batched_tasks = "off"
     sequential, seq_logs = learner.meta_loss(batch)
-    learner.config.batched_tasks = "auto"
+    learner.config.batched_tasks = "on"
     batched, logs = learner.meta_loss(batch)
     assert torch.allclose(batched, sequential, rtol=1e-12, atol=0)
-    assert torch.allclose(logs["loss"], seq_logs["loss"], rtol=1e-12, atol=0)
-    for b, s in zip(_grads(learner, batched), _grads(learner, sequential)):
-        assert ((b - s).norm() / s.norm().clamp(min=1e-30)) <= 1e-6
+    assert all(torch.allclose(logs[k], seq_logs[k], rtol=1e-12, atol=0) for k in seq_logs)
+    gb, gs = _grads(learner, batched), _grads(learner, sequential)
+    whole = torch.cat([g.flatten() for g in gs]).norm()
+    assert whole > 0
+    for b, s in zip(gb, gs):
+        # relative per tensor; tensors whose true gradient is ~0 (a conv bias before BatchNorm)
+        # are held to the same bound relative to the whole meta-gradient
+        assert (b - s).norm() <= 1e-6 * max(s.norm(), whole * 1e-6)
+
+
+@pytest.mark.parametrize("name", GRADIENT)
+@pytest.mark.parametrize("first_order", [False, True])
+def test_batched_equals_sequential_with_transductive_batch_norm(name: str, first_order: bool) -> None:
+    """Conv net with BatchNorm: the composite batch-statistics normalisation under vmap is exact
+    where the fused kernel is not (../shared/repro/vmap_batchnorm_meta_gradient.py)."""
+    cls = ALGORITHMS.get(name)
+    task = {"problem": "classification", "in_shape": [1, 16, 16], "train_ways": 3, "eval_ways": 3}
+    model = {"name": "conv4", "filters": 4}
+    reason = batched_unsupported_reason(cls({}, model=model, task=task))
+    if reason is not None:
+        pytest.skip(f"{name} keeps the sequential loop: {reason}")
+    torch.manual_seed(0)
+    learner = cls({"inner_lr": 0.3, "inner_steps": 2, "first_order": first_order}, model=model, task=task).double()
+    learner.train()
+    g = torch.Generator().manual_seed(5)
+    batch = TaskBatch(torch.randn(3, 6, 1, 16, 16, generator=g, dtype=torch.float64), torch.arange(3).repeat(2).expand(3, -1),
+                      torch.randn(3, 9, 1, 16, 16, generator=g, dtype=torch.float64), torch.arange(3).repeat(3).expand(3, -1),
+                      EpisodeSpec(3, 2, 3), torch.arange(3))
+    _assert_batched_equals_sequential(learner, batch)
 
 
 def test_batched_classification_metrics_equal_sequential() -> None:
@@ -64,9 +94,12 @@ def test_batched_classification_metrics_equal_sequential() -> None:
 
 
 def test_batch_norm_falls_back_to_the_loop_and_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Inductive BatchNorm cannot be batched; transductive BatchNorm on CPU keeps the (faster) loop under auto."""
+    inductive = ALGORITHMS.get("maml")({"batch_norm": "inductive"}, model={"name": "mlp", "hidden": [8], "batch_norm": True}, task=REGRESSION)
+    assert "inductive BatchNorm" in batched_unsupported_reason(inductive)
     learner = ALGORITHMS.get("maml")({}, model={"name": "mlp", "hidden": [8], "batch_norm": True}, task=REGRESSION)
     learner.train()
-    assert "BatchNorm" in batched_unsupported_reason(learner)
+    assert batched_unsupported_reason(learner) is None
     with caplog.at_level(logging.INFO):
         first, _ = learner.meta_loss(_batch(torch.float32))
         learner.meta_loss(_batch(torch.float32))
