@@ -339,7 +339,9 @@ class ClassificationTasks(TaskSampler):
         if uniform is None:  # never pick past the end of a smaller class
             size = self.counts[ids // ROTATIONS].unsqueeze(-1)
             key.masked_fill_(torch.arange(width) >= size, 2.0)
-        picks = key.argsort(dim=-1)[..., :per]
+        # the `per` smallest keys in ascending order: argsort(key)[..., :per] (keys are distinct
+        # float64 uniforms), found by topk at a fraction of a full sort's cost
+        picks = key.topk(per, dim=-1, largest=False, sorted=True).indices
         return ids, picks
 
     def episode_classes(self, split: SplitName, task_ids: Sequence[int], seed: int) -> Tensor:

@@ -1,12 +1,13 @@
-"""Getting dataset files onto disk safely: checksummed downloads, safe zip extraction and
-atomic writes.
+"""Getting dataset files onto disk safely: checksummed downloads, safe zip and tar extraction
+and atomic writes.
 
 * :func:`download` streams a URL to ``<dest>.part`` while hashing it, resumes a partial file
   with an HTTP range request, and renames to ``dest`` only when the MD5 matches, so a failed
   or tampered download never looks like a finished one (a checksum failure leaves nothing).
-* :func:`safe_extract` refuses members that would land outside the target folder (absolute
-  paths, ``..``, drive letters, symbolic links: the "zip slip" attack) and publishes the
-  extracted tree only once every member is out.
+* :func:`safe_extract` (zip, tar, tar.gz/bz2/xz) refuses members that would land outside the
+  target folder (absolute paths, ``..``, drive letters, symbolic and hard links, device files:
+  the "zip slip" / "tar slip" attacks) and publishes the extracted tree only once every member
+  is out.
 * :func:`atomic_write` writes caches through a temporary file and a rename, so a crash
   leaves the old file or none, never a truncated one.
 """
@@ -18,6 +19,7 @@ import http.client
 import os
 import shutil
 import stat
+import tarfile
 import tempfile
 import urllib.error
 import urllib.request
@@ -98,49 +100,81 @@ def download(url: str, dest: Path, md5: str, *, timeout: float = 60.0) -> Path:
     return dest
 
 
-def _member_target(root: Path, info: zipfile.ZipInfo, archive: Path) -> Path:
-    """Where ``info`` may be extracted under ``root``; raises :class:`DataError` if it escapes."""
-    name = info.filename.replace("\\", "/")
+def _safe_target(root: Path, member: str, archive: Path, is_link: bool) -> Path:
+    """Where ``member`` may be extracted under ``root``; raises :class:`DataError` if it escapes."""
+    name = member.replace("\\", "/")
     parts = PurePosixPath(name).parts
-    mode = info.external_attr >> 16
-    bad = (
-        name.startswith("/")
-        or ".." in parts
-        or (parts and ":" in parts[0])
-        or stat.S_ISLNK(mode)
-    )
+    bad = name.startswith("/") or ".." in parts or (parts and ":" in parts[0]) or is_link
     target = root.joinpath(*parts) if parts else root
     if bad or not target.resolve().is_relative_to(root.resolve()):
         raise DataError(
-            f"{archive} holds an unsafe member '{info.filename}' (absolute path, '..', drive or "
-            "symbolic link); refusing to extract it, the archive is corrupt or malicious"
+            f"{archive} holds an unsafe member '{member}' (absolute path, '..', drive, link or "
+            "device file); refusing to extract it, the archive is corrupt or malicious"
         )
     return target
 
 
-def safe_extract(archive: Path, dest: Path) -> list[Path]:
-    """Extract ``archive`` into ``dest`` with no path escapes; returns the top-level entries made.
+def _member_target(root: Path, info: zipfile.ZipInfo, archive: Path) -> Path:
+    """Where zip member ``info`` may be extracted under ``root``."""
+    return _safe_target(root, info.filename, archive, stat.S_ISLNK(info.external_attr >> 16))
 
-    Members are written to a temporary folder inside ``dest`` and each top-level entry is
-    then renamed into place, so an interrupted or refused extraction leaves nothing behind.
+
+def _extract_zip(archive: Path, tmp: Path) -> None:
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                target = _member_target(tmp, info, archive)
+                if info.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, CHUNK)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
+        raise DataError(f"{archive} is not a readable zip archive ({exc}); delete it and download again") from None
+
+
+def _extract_tar(archive: Path, tmp: Path) -> None:
+    """Regular files and folders only, streamed member by member (``tarfile.extractall`` would
+    follow links and trust member paths)."""
+    try:
+        with tarfile.open(archive, "r:*") as tf:
+            for info in tf:
+                unsafe = not (info.isfile() or info.isdir())  # links, devices, fifos
+                target = _safe_target(tmp, info.name, archive, unsafe)
+                if info.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src = tf.extractfile(info)
+                assert src is not None  # regular file
+                with src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, CHUNK)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, EOFError) and exc.errno is not None:
+            raise DataError(f"cannot extract {archive} into {tmp.parent} ({exc.strerror})") from None
+        raise DataError(f"{archive} is not a readable tar archive ({exc}); delete it and download again") from None
+
+
+def safe_extract(archive: Path, dest: Path) -> list[Path]:
+    """Extract a zip or tar archive into ``dest`` with no path escapes; returns the top-level
+    entries made.
+
+    The format is recognised from the content (zip, or tar with any compression ``tarfile``
+    reads). Members are written to a temporary folder inside ``dest`` and each top-level entry
+    is then renamed into place, so an interrupted or refused extraction leaves nothing behind.
     Existing top-level entries of the same name are not overwritten (:class:`DataError`).
     """
     archive, dest = Path(archive), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{archive.stem}.", suffix=".extracting", dir=dest))
     try:
-        try:
-            with zipfile.ZipFile(archive) as zf:
-                for info in zf.infolist():
-                    target = _member_target(tmp, info, archive)
-                    if info.is_dir():
-                        target.mkdir(parents=True, exist_ok=True)
-                        continue
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(info) as src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out, CHUNK)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
-            raise DataError(f"{archive} is not a readable zip archive ({exc}); delete it and download again") from None
+        if zipfile.is_zipfile(archive):
+            _extract_zip(archive, tmp)
+        elif archive.is_file() and _is_tar(archive):
+            _extract_tar(archive, tmp)
+        else:
+            raise DataError(f"{archive} is neither a zip nor a tar archive; delete it and download again")
         made = []
         for entry in sorted(tmp.iterdir()):
             final = dest / entry.name
@@ -151,6 +185,13 @@ def safe_extract(archive: Path, dest: Path) -> list[Path]:
         return made
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_tar(path: Path) -> bool:
+    try:
+        return tarfile.is_tarfile(path)
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
