@@ -89,6 +89,8 @@ def _resolve(args: argparse.Namespace, ckpt: str | None = None) -> Any:
 
 
 def _report(run: Any, results: Any) -> None:
+    if not run.trainer.is_global_zero:
+        return  # one table per run, from rank 0
     if run.stopped_at is not None:
         print(f"\nstopped at step {run.trainer.global_step}; resumable checkpoint: {run.stopped_at}")
         print(f"resume with: python -m lightmeta fit --ckpt {run.stopped_at} (or --ckpt last with the same config)")

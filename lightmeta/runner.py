@@ -77,13 +77,32 @@ def build_learner(cfg: RunConfig, datamodule: EpisodicDataModule) -> MetaLearner
     return learner
 
 
+RUN_DIR_ENV = "LIGHTMETA_RUN_DIR"
+#: Ids shared by all processes of one job started by an external launcher (torchrun, SLURM).
+_JOB_ID_ENVS = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID")
+
+
 def next_run_dir(cfg: RunConfig) -> Path:
-    """``output_dir/experiment/version_N`` with the first free N (created)."""
+    """The run directory, the same for every process of a distributed run (created).
+
+    ``$LIGHTMETA_RUN_DIR`` if set (Lightning's DDP child processes inherit it from rank 0);
+    ``output_dir/experiment/job_<id>`` under torchrun or SLURM; else ``version_N`` with the
+    first free N.
+    """
+    if os.environ.get(RUN_DIR_ENV):
+        run_dir = Path(os.environ[RUN_DIR_ENV])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
     root = Path(cfg.output_dir) / cfg.experiment
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"output_dir={cfg.output_dir!r} is not writable ({exc.strerror}); choose another output_dir") from None
+    job = next((os.environ[k] for k in _JOB_ID_ENVS if os.environ.get(k) and os.environ.get("WORLD_SIZE", "1") != "1"), None)
+    if job is not None:
+        run_dir = root / f"job_{job}"
+        run_dir.mkdir(exist_ok=True)
+        return run_dir
     n = 0
     while (root / f"version_{n}").exists():
         n += 1
@@ -186,15 +205,20 @@ def build_run(cfg: RunConfig, learner: MetaLearner | None = None) -> Run:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     learner = learner or build_learner(cfg, datamodule)
+    child = bool(os.environ.get(RUN_DIR_ENV))
     run_dir = next_run_dir(cfg)
-    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    if not child:
+        (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
     trainer = build_trainer(cfg, learner, run_dir, build_loggers(cfg, run_dir))
+    if trainer.world_size > 1 and not child:
+        os.environ[RUN_DIR_ENV] = str(run_dir)  # the DDP processes Lightning launches write here too
     return Run(cfg, datamodule, learner, trainer, run_dir)
 
 
 def _test_results(run: Run, n_tasks: int) -> Results:
     results = Results.from_metrics(run.learner.last_results.get("test", {}), run.config, n_tasks)
-    results.save(run.run_dir)
+    if run.trainer.is_global_zero:
+        results.save(run.run_dir)
     return results
 
 
@@ -264,5 +288,6 @@ def evaluate(cfg: RunConfig, stage: Literal["validate", "test"], ckpt_path: str)
     finally:
         run.finish()
     results = Results.from_metrics(run.learner.last_results.get(split, {}), cfg, n, split=split)
-    results.save(run.run_dir)
+    if run.trainer.is_global_zero:
+        results.save(run.run_dir)
     return run, results
