@@ -103,11 +103,12 @@ def file_loader(paths: Sequence[Path]) -> Loader:
 
 
 _LOADER: Loader | None = None  # the loader of the running decode; forked workers inherit it
+_DESCRIBE: Callable[[int], str] | None = None  # names item i in errors; inherited likewise (need not pickle)
 
 
-def _decode_range(start: int, stop: int, size: int, channels: int, resize: ResizeMode,
-                  describe: Callable[[int], str] | None = None) -> tuple[np.ndarray, list[int | None]]:
+def _decode_range(start: int, stop: int, size: int, channels: int, resize: ResizeMode) -> tuple[np.ndarray, list[int | None]]:
     assert _LOADER is not None
+    describe = _DESCRIBE
     out = np.empty((stop - start, channels, size, size), dtype=np.uint8)
     labels: list[int | None] = []
     for k, i in enumerate(range(start, stop)):
@@ -126,23 +127,23 @@ def decode_all(n: int, loader: Loader, size: int, channels: int, resize: ResizeM
     """Decode items ``0..n-1`` into ``uint8 [n, channels, size, size]`` and their labels, in order.
 
     Uses a ``fork`` process pool for ``n >= PARALLEL_MIN_ITEMS`` (or when ``processes`` > 1 is
-    given); the workers inherit ``loader``, so it need not be picklable.
+    given); the workers inherit ``loader`` and ``describe``, so neither need be picklable.
     """
-    global _LOADER
+    global _LOADER, _DESCRIBE
     bounds = [(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK)]
     if processes is None:
         processes = min(os.cpu_count() or 1, 8) if n >= PARALLEL_MIN_ITEMS else 1
     processes = min(processes, len(bounds))
-    _LOADER = loader
+    _LOADER, _DESCRIBE = loader, describe
     try:
         if processes > 1 and "fork" in multiprocessing.get_all_start_methods():
             with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
-                futures = [pool.submit(_decode_range, a, b, size, channels, resize, describe) for a, b in bounds]
+                futures = [pool.submit(_decode_range, a, b, size, channels, resize) for a, b in bounds]
                 parts = [f.result() for f in futures]
         else:
-            parts = [_decode_range(a, b, size, channels, resize, describe) for a, b in bounds]
+            parts = [_decode_range(a, b, size, channels, resize) for a, b in bounds]
     finally:
-        _LOADER = None
+        _LOADER = _DESCRIBE = None
     if not parts:
         return torch.empty(0, channels, size, size, dtype=torch.uint8), []
     images = torch.from_numpy(np.concatenate([p[0] for p in parts]))

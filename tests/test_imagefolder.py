@@ -106,8 +106,18 @@ def test_corrupt_image_error_names_the_file(tmp_path: Path) -> None:
 def test_parallel_decoding_equals_sequential(tmp_path: Path) -> None:
     files = sorted(write_example(tmp_path / "images", classes=12).rglob("img_*"))
     one, _ = decode_all(len(files), file_loader(files), 12, 3, processes=1)
-    two, _ = decode_all(len(files), file_loader(files), 12, 3, processes=2)
+    two, _ = decode_all(len(files), file_loader(files), 12, 3, processes=2, describe=lambda i: str(files[i]))
     assert one.dtype == torch.uint8 and one.shape == (len(files), 3, 12, 12) and torch.equal(one, two)
+
+
+def test_unpicklable_describe_works_with_a_process_pool(tmp_path: Path) -> None:
+    """ImageFolder passes a lambda; the pool must not try to pickle it (regression)."""
+    files = sorted(write_example(tmp_path / "images", classes=12).rglob("img_*"))
+    labels = [f"image number {i}" for i in range(len(files))]
+    load = file_loader(files)
+    with pytest.raises(DataError, match="cannot decode image number 3"):  # item 3 is not an image
+        decode_all(len(files), lambda i: ("not an image", 0) if i == 3 else load(i), 8, 3, processes=2,
+                   describe=lambda i: labels[i])
 
 
 def test_listing_errors_and_ignored_files(tmp_path: Path) -> None:
