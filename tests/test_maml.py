@@ -107,8 +107,12 @@ def test_meta_gradient_matches_learn2learn(case: str, steps: int, first_order: b
     ref = _reference_grads(l2l, reference_model, batch, loss_fn, 0.1, steps, first_order)
 
     assert ours.keys() == ref.keys()
+    whole = torch.cat([g.flatten() for g in ref.values()]).norm()
     for name in ours:
-        rel = (ours[name] - ref[name]).norm() / ref[name].norm().clamp(min=1e-12)
+        # relative per tensor; a conv bias right before BatchNorm has a true gradient of 0, so its
+        # float32 noise is measured against the whole meta-gradient instead
+        scale = torch.maximum(ref[name].norm(), whole * 1e-3)
+        rel = (ours[name] - ref[name]).norm() / scale
         assert rel <= 1e-5, f"{name}: relative difference {rel:.2e}"
 
 
