@@ -155,6 +155,16 @@ def build_loggers(cfg: RunConfig, run_dir: Path) -> list[Logger]:
     return [csv, wandb_logger]
 
 
+def check_precision(cfg: RunConfig, learner: MetaLearner) -> None:
+    """Refuse fp16 mixed precision where inner-loop gradients would go unscaled."""
+    if cfg.trainer.precision in ("16-mixed", "16-true") and learner.needs_grad_at_eval:
+        raise ConfigError(
+            f"trainer.precision={cfg.trainer.precision} is not supported by '{cfg.algorithm.name}': its inner-loop "
+            "gradients are taken inside the step, outside the GradScaler's loss scaling, and can underflow in "
+            "float16; use trainer.precision=bf16-mixed (same speed on Ampere+ GPUs, no scaling needed)"
+        )
+
+
 def build_trainer(cfg: RunConfig, learner: MetaLearner, run_dir: Path, loggers: list[Logger]) -> L.Trainer:
     t = cfg.trainer
     callbacks: list[Any] = []
@@ -205,6 +215,7 @@ def build_run(cfg: RunConfig, learner: MetaLearner | None = None) -> Run:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     learner = learner or build_learner(cfg, datamodule)
+    check_precision(cfg, learner)  # before anything is written
     child = bool(os.environ.get(RUN_DIR_ENV))
     run_dir = next_run_dir(cfg)
     if not child:
