@@ -64,20 +64,23 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, A
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "Weights only load failed" in str(exc):
+        detail = _culprit(str(exc))
+        if "GLOBAL" in detail:
             raise UnsafeCheckpointError(
-                f"refusing to load checkpoint '{path}': it holds objects outside the weights-only allow-list "
-                f"and could execute code ({_culprit(str(exc))}); only load checkpoints you trust"
+                f"refusing to load checkpoint '{path}': it would import code ({detail}); only load checkpoints you trust"
             ) from None
-        raise LightmetaError(f"checkpoint '{path}' is corrupt ({first}); use another checkpoint") from None
+        raise UnsafeCheckpointError(
+            f"refusing to load checkpoint '{path}': it is not a weights-only checkpoint ({detail}): corrupt, or "
+            "pickled with objects that could execute code; use a checkpoint written by lightmeta"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise LightmetaError(f"checkpoint '{path}' is corrupt or truncated ({type(exc).__name__}); use another checkpoint") from None
 
 
 def _culprit(message: str) -> str:
+    """The line of torch's weights-only error that names what was refused."""
     for line in message.splitlines():
-        if "Unsupported global" in line or "GLOBAL" in line:
+        if "GLOBAL" in line or "Unsupported" in line:
             return line.strip().rstrip(".")
     return "unsupported pickle content"
 

@@ -122,6 +122,11 @@ def test_a_checkpoint_carrying_code_is_refused(tmp_path: Path, capsys: pytest.Ca
         pickle.dump({"state_dict": {}, "lightmeta": {"algorithm": "maml"}, "x": _Payload(marker)}, f)
     with pytest.raises(UnsafeCheckpointError, match="refusing to load checkpoint"):
         safe_load(evil)
+    classic = tmp_path / "evil2.ckpt"  # protocol 2: torch's unpickler reaches the GLOBAL and names it
+    with open(classic, "wb") as f:
+        pickle.dump({"x": _Payload(marker)}, f, protocol=2)
+    with pytest.raises(UnsafeCheckpointError, match="it would import code .*posix.system"):
+        safe_load(classic)
     assert main(["test", "--ckpt", str(evil)]) == 1
     assert "refusing to load checkpoint" in capsys.readouterr().err
     assert main(["fit", "--ckpt", str(evil), f"output_dir={tmp_path}"]) == 1
