@@ -146,7 +146,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['setting']} | {r['ours_episodes_per_s']:,.0f} | {r['ours_single_task_episodes_per_s']:,.0f} | "
               f"{r['learn2learn_episodes_per_s']:,.0f} | {r['speedup']:.1f}x |")
-    print(f"\n| meta-step | ours (s) | learn2learn (s) | supervised floor (s) | ours / l2l | max rel. grad diff |")
+    print("\n| meta-step | ours (s) | learn2learn (s) | supervised floor (s) | ours / l2l | max rel. grad diff |")
     print("|---|---|---|---|---|---|")
     print(f"| {step['setting']} | {step['ours_s_per_step']:.3f} | {step['learn2learn_s_per_step']:.3f} | "
           f"{step['supervised_floor_s']:.3f} | {step['ratio_ours_over_l2l']:.2f} | {step['max_rel_grad_diff']:.1e} |")

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator, Literal
 
 import lightning as L
-import torch
 from pydantic import Field
 from torch.utils.data import DataLoader, Dataset, Sampler
 

@@ -13,6 +13,9 @@ from types import ModuleType
 
 import pytest
 import torch
+from torch import nn
+
+from lightmeta import Backbone, PluginConfig
 
 
 def _required(var: str) -> bool:
@@ -39,3 +42,26 @@ def require_data(*parts: str) -> Path:
             pytest.fail(msg + " (LIGHTMETA_REQUIRE_DATA=1)")
         pytest.skip(msg)
     return path
+
+
+class TinyConvConfig(PluginConfig):
+    channels: int = 4
+
+
+class TinyConvBN(Backbone):
+    """Two conv+BatchNorm blocks and a linear head: a small stand-in for Conv4."""
+
+    Config = TinyConvConfig
+
+    def __init__(self, config: TinyConvConfig, in_shape: tuple[int, ...], out_features: int | None):
+        super().__init__(config, in_shape, out_features)
+        c = config.channels
+        self.features = nn.Sequential(
+            nn.Conv2d(in_shape[0], c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        )
+        self.feature_dim = c * (in_shape[1] // 4) * (in_shape[2] // 4)
+        self.head = nn.Linear(self.feature_dim, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))

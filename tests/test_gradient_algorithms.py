@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from helpers import require_peer
+from helpers import TinyConvBN, require_peer
 from lightmeta import Backbone, EpisodeSpec, PluginConfig, TaskBatch, register_model
 from lightmeta.algorithms.maml import MAML
 from lightmeta.config import load_config
@@ -27,29 +27,6 @@ from lightmeta.runner import fit, load_learner
 ZOO = ["fomaml", "anil", "boil", "metasgd", "reptile", "mamlpp", "imaml"]
 MLP = {"name": "mlp", "hidden": [16, 16]}
 CLS_TASK = {"problem": "classification", "in_shape": [4], "train_ways": 3, "eval_ways": 3}
-
-
-class TinyConvConfig(PluginConfig):
-    channels: int = 4
-
-
-class TinyConvBN(Backbone):
-    """Two conv+BatchNorm blocks and a linear head: a small stand-in for Conv4."""
-
-    Config = TinyConvConfig
-
-    def __init__(self, config: TinyConvConfig, in_shape: tuple[int, ...], out_features: int | None):
-        super().__init__(config, in_shape, out_features)
-        c = config.channels
-        self.features = nn.Sequential(
-            nn.Conv2d(in_shape[0], c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        )
-        self.feature_dim = c * (in_shape[1] // 4) * (in_shape[2] // 4)
-        self.head = nn.Linear(self.feature_dim, out_features)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -8,35 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import require_peer
-from lightmeta import Backbone, EpisodeSpec, PluginConfig, TaskBatch, register_model
+from helpers import TinyConvBN, require_peer
+from lightmeta import EpisodeSpec, TaskBatch, register_model
 from lightmeta.registry import MODELS
 from lightmeta.registry import ALGORITHMS
 
 torch.set_default_dtype(torch.float32)
-
-
-class TinyConvConfig(PluginConfig):
-    channels: int = 4
-
-
-class TinyConvBN(Backbone):
-    """Two conv+BatchNorm blocks and a linear head: a small stand-in for Conv4."""
-
-    Config = TinyConvConfig
-
-    def __init__(self, config: TinyConvConfig, in_shape: tuple[int, ...], out_features: int | None):
-        super().__init__(config, in_shape, out_features)
-        c = config.channels
-        self.features = nn.Sequential(
-            nn.Conv2d(in_shape[0], c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        )
-        self.feature_dim = c * (in_shape[1] // 4) * (in_shape[2] // 4)
-        self.head = nn.Linear(self.feature_dim, out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightmeta import EpisodeSpec, TaskBatch
 from lightmeta.algorithms.mamlpp import MAMLPlusPlus
