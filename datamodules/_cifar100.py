@@ -33,7 +33,7 @@ import torch
 from pydantic import Field
 
 from lightmeta.datamodules._benchmark import BenchmarkConfig, BenchmarkDataModule, shipped_split
-from lightmeta.download import ChecksumError, atomic_write, download, safe_extract
+from lightmeta.download import atomic_write, fetch_archive
 from lightmeta.errors import DataError
 from lightmeta.image_cache import DecodedClasses, load_cache, save_cache
 from lightmeta.source_files import field, files_fingerprint, load_pickle
@@ -62,29 +62,8 @@ def _missing(root: Path, reason: str) -> DataError:
 
 def locate(root: Path, allow_download: bool = True) -> Path:
     """The extracted ``cifar-100-python`` folder, extracting or downloading the archive if needed."""
-    folder, archive = root / FOLDER, root / ARCHIVE
-    if folder.is_dir():
-        missing = [f for f in FILES if not (folder / f).is_file()]
-        if missing:
-            raise _missing(root, f"{folder} lacks {', '.join(missing)}")
-        return folder
-    if not archive.is_file():
-        if not allow_download:
-            raise _missing(root, f"{ARCHIVE} missing and data.download=false")
-        url, md5 = SOURCES[ARCHIVE]
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            download(url, archive, md5)
-        except ChecksumError:
-            raise
-        except DataError as exc:
-            raise _missing(root, str(exc)) from None
-        except OSError as exc:
-            raise _missing(root, f"cannot create the folder: {exc.strerror}") from None
-    safe_extract(archive, root)
-    if not all((folder / f).is_file() for f in FILES):
-        raise DataError(f"{archive} did not contain {FOLDER}/{{train,test,meta}}; it is not the official CIFAR-100 python archive")
-    return folder
+    return fetch_archive(root, FOLDER, ARCHIVE, SOURCES[ARCHIVE], FILES, lambda reason: _missing(root, reason),
+                         allow_download, "CIFAR-100 python")
 
 
 def _names(values: Any, path: Path, key: str) -> list[str]:

@@ -36,7 +36,7 @@ from pydantic import Field
 
 from lightmeta.class_splits import Splits
 from lightmeta.datamodules._benchmark import BenchmarkConfig, BenchmarkDataModule, shipped_split
-from lightmeta.download import ChecksumError, download, safe_extract
+from lightmeta.download import fetch_archive
 from lightmeta.errors import DataError
 from lightmeta.image_cache import DecodedClasses, decode_all, fingerprint, load_cache, save_cache
 from lightmeta.registry import register_datamodule
@@ -69,30 +69,8 @@ def _missing(root: Path, reason: str) -> DataError:
 
 def locate(root: Path, allow_download: bool = True) -> Path:
     """The extracted ``CUB_200_2011`` folder, extracting or downloading the archive if needed."""
-    folder, archive = root / FOLDER, root / ARCHIVE
-    if folder.is_dir():
-        missing = [f for f in (*INDEX_FILES, "images") if not (folder / f).exists()]
-        if missing:
-            raise _missing(root, f"{folder} lacks {', '.join(missing)}")
-        return folder
-    if not archive.is_file():
-        if not allow_download:
-            raise _missing(root, f"{ARCHIVE} missing and data.download=false")
-        url, md5 = SOURCES[ARCHIVE]
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            download(url, archive, md5)
-        except ChecksumError:
-            raise
-        except DataError as exc:
-            raise _missing(root, str(exc)) from None
-        except OSError as exc:
-            raise _missing(root, f"cannot create the folder: {exc.strerror}") from None
-    safe_extract(archive, root)
-    if not all((folder / f).exists() for f in (*INDEX_FILES, "images")):
-        raise DataError(f"{archive} did not contain {FOLDER}/ with {', '.join(INDEX_FILES)} and images/; "
-                        "it is not the official CUB-200-2011 archive")
-    return folder
+    return fetch_archive(root, FOLDER, ARCHIVE, SOURCES[ARCHIVE], (*INDEX_FILES, "images"), lambda reason: _missing(root, reason),
+                         allow_download, "CUB-200-2011")
 
 
 def _table(path: Path, columns: int) -> dict[int, list[str]]:

@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 from lightmeta.errors import DataError
 
@@ -185,6 +185,42 @@ def safe_extract(archive: Path, dest: Path) -> list[Path]:
         return made
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fetch_archive(root: Path, folder: str, archive: str, source: tuple[str, str], required: Sequence[str],
+                  missing: Callable[[str], DataError], allow_download: bool, what: str) -> Path:
+    """``root/folder`` holding ``required``: as found, else extracted from ``root/archive``,
+    downloaded from ``source`` (url, md5) first when absent and ``allow_download``.
+
+    ``missing(reason)`` builds the one-line "where to put the files" error of the dataset.
+    """
+    folder_path, archive_path = root / folder, root / archive
+
+    def lacking() -> list[str]:
+        return [f for f in required if not (folder_path / f).exists()]
+
+    if folder_path.is_dir():
+        if lacking():
+            raise missing(f"{folder_path} lacks {', '.join(lacking())}")
+        return folder_path
+    if not archive_path.is_file():
+        if not allow_download:
+            raise missing(f"{archive} missing and data.download=false")
+        url, md5 = source
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            download(url, archive_path, md5)
+        except ChecksumError:
+            raise
+        except DataError as exc:
+            raise missing(str(exc)) from None
+        except OSError as exc:
+            raise missing(f"cannot create the folder: {exc.strerror}") from None
+    safe_extract(archive_path, root)
+    if lacking():
+        raise DataError(f"{archive_path} did not contain {folder}/ with {', '.join(required)}; "
+                        f"it is not the official {what} archive")
+    return folder_path
 
 
 def _is_tar(path: Path) -> bool:
