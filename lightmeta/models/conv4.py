@@ -5,7 +5,9 @@ blocks of ``3x3 conv (padding 1) -> BatchNorm -> ReLU -> 2x2 max-pool`` with 64 
 MAML's mini-ImageNet model has 32 filters (registered as ``conv4_32``). MAML's reference code
 for Omniglot downsamples with stride-2 convolutions instead of max-pooling and averages the
 last feature map over space (``pool: stride``, ``global_pool: true``), which is also four
-times cheaper in the first layer.
+times cheaper in the first layer. Relation Networks (Sung et al. 2018) downsample in the
+first two blocks only and compare feature maps: ``pooled_blocks: 2, keep_spatial: true``
+(``feature_shape`` then says ``(C, H, W)``).
 
 Plain ``nn.Conv2d``/``nn.BatchNorm2d``/``nn.Linear`` modules, so ``torch.func.functional_call``
 can swap any parameter, and BatchNorm follows whatever mode the caller sets (the gradient
@@ -36,6 +38,15 @@ class Conv4Config(PluginConfig):
     global_pool: bool = Field(
         default=False, description="average the last feature map over space (features = filters) instead of flattening"
     )
+    pooled_blocks: int = Field(
+        default=BLOCKS, ge=0, le=BLOCKS,
+        description="how many of the blocks (the first ones) downsample; Relation Networks pool only in the first 2",
+    )
+    keep_spatial: bool = Field(
+        default=False,
+        description="return feature maps (C, H, W) instead of flattened features (Relation Networks' relation "
+        "module compares maps); only without global_pool and a linear head",
+    )
     batch_norm_momentum: float = Field(default=0.1, gt=0, le=1, description="BatchNorm running-statistics momentum")
     init: Literal["default", "maml"] = Field(
         default="default",
@@ -63,30 +74,41 @@ class Conv4(Backbone):
                 f"model '{self.registered_name}' needs image inputs (channels, height, width), got in_shape={tuple(in_shape)}; "
                 "use model.name=mlp for vector inputs"
             )
+        if config.keep_spatial and (config.global_pool or out_features is not None):
+            raise ConfigError(
+                f"model '{self.registered_name}': keep_spatial=true returns feature maps, so it needs "
+                "global_pool=false and an algorithm that uses raw features (no linear head)"
+            )
         channels, height, width = in_shape
-        stride = 1 if config.pool == "max" else 2
         layers: list[nn.Module] = []
-        for _ in range(BLOCKS):
+        for block in range(BLOCKS):
+            downsample = block < config.pooled_blocks
+            stride = 2 if downsample and config.pool == "stride" else 1
             layers += [
                 nn.Conv2d(channels, config.filters, kernel_size=3, stride=stride, padding=1),
                 nn.BatchNorm2d(config.filters, momentum=config.batch_norm_momentum),
                 nn.ReLU(),
             ]
-            if config.pool == "max":
+            if downsample and config.pool == "max":
                 layers.append(nn.MaxPool2d(2))
             channels = config.filters
-            height, width = _downsampled(height, config.pool), _downsampled(width, config.pool)
+            if downsample:
+                height, width = _downsampled(height, config.pool), _downsampled(width, config.pool)
             if height < 1 or width < 1:
                 raise ConfigError(
-                    f"model '{self.registered_name}': in_shape={tuple(in_shape)} is too small for {BLOCKS} "
-                    f"2x downsampling blocks; images need at least {2 ** BLOCKS}x{2 ** BLOCKS} pixels with pool=max"
+                    f"model '{self.registered_name}': in_shape={tuple(in_shape)} is too small for {config.pooled_blocks} "
+                    f"2x downsampling blocks; images need at least {2 ** config.pooled_blocks}x{2 ** config.pooled_blocks} "
+                    "pixels with pool=max"
                 )
         if config.global_pool:
             layers.append(nn.AdaptiveAvgPool2d(1))
             height = width = 1
-        layers.append(nn.Flatten())
+        if not config.keep_spatial:
+            layers.append(nn.Flatten())
         self.features = nn.Sequential(*layers)
         self.feature_dim = channels * height * width
+        #: shape of one example's features: (C, H, W) with keep_spatial, else (feature_dim,)
+        self.feature_shape: tuple[int, ...] = (channels, height, width) if config.keep_spatial else (self.feature_dim,)
         self.head = nn.Linear(self.feature_dim, out_features) if out_features is not None else None
         if config.init == "maml":
             self._maml_init()
