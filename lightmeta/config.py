@@ -41,6 +41,8 @@ class TrainerConfig(_Strict):
     num_sanity_val_steps: int = Field(default=1, ge=-1)
     log_every_n_steps: int = Field(default=10, ge=1)
     gradient_clip_val: float | None = Field(default=None, gt=0, description="clip the outer gradient norm")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        default="stop", description="a NaN/inf meta-loss: stop naming step, task and loss; or skip the meta-batch")
     deterministic: bool | Literal["warn"] = False
     enable_progress_bar: bool = True
 

@@ -152,6 +152,25 @@ class GradientMetaLearner(MetaLearner):
     def predict(self, state: Params, query_x: Tensor) -> Tensor:
         return self.forward_with(state, query_x, self.num_inner_steps())
 
+    def find_nonfinite(self, task: Task) -> str | None:
+        """The first non-finite inner-loop support loss or the query loss of ``task``."""
+        named = dict(self.model.named_parameters())
+        params = {n: named[n].detach().requires_grad_(True) for n in self.inner_param_names()}
+        steps = self.num_inner_steps()
+        with torch.enable_grad():
+            for step in range(steps):
+                loss = self.loss_fn(self.forward_with(params, task.support_x, step), task.support_y)
+                if not torch.isfinite(loss):
+                    return f"inner-loop support loss at inner step {step} = {loss.item()}"
+                grads = torch.autograd.grad(loss, list(params.values()))
+                params = {k: v.detach().requires_grad_(True)
+                          for k, v in self.inner_update(params, dict(zip(params, grads)), step).items()}
+                bad = [k for k, v in params.items() if not torch.isfinite(v).all()]
+                if bad:
+                    return f"fast weights {bad[0]} after inner step {step} (support loss {loss.item():.4g})"
+            query = self.loss_fn(self.forward_with(params, task.query_x, steps), task.query_y)
+        return None if torch.isfinite(query) else f"query (outer) loss after {steps} inner steps = {query.item()}"
+
     # ------------------------------------------------------------------ batched meta-training
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """The meta-batch's inner loops in one vmapped computation when that is proven equal

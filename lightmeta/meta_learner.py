@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightmeta.episodes import EpisodeSpec, Task, TaskBatch
+from lightmeta.faults import NonFiniteLossError, nonfinite_message
 from lightmeta.metrics import MeanCI
 from lightmeta.models import build_model
 from lightmeta.plugin import PluginConfig
@@ -150,13 +151,34 @@ class MetaLearner(L.LightningModule, ABC):
         with torch.no_grad():
             return {k: v.detach() for k, v in self.task_metrics(self.predict(state, task.query_x), task.query_y).items()}
 
-    def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
+    #: What a non-finite meta-loss does: "stop" (raise, naming step, task and loss) or "skip" the
+    #: meta-batch (no update, counted in ``train/skipped_nonfinite``). Set by the run builder.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    skipped_nonfinite = 0
+
+    def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor | None:
         loss, logs = self.meta_loss(batch)
+        bad = ~torch.isfinite(loss.detach())
+        if self.trainer is not None and self.trainer.world_size > 1:  # every rank must decide alike
+            bad = self.trainer.strategy.reduce(bad.float(), reduce_op="sum") > 0
+        if bad:
+            if self.on_nonfinite == "stop":
+                raise NonFiniteLossError(nonfinite_message(self, batch, loss))
+            self.skipped_nonfinite += 1
+            self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), batch_size=len(batch))
+            return None  # Lightning skips backward and the optimizer step
         self.last_train_metrics = logs
         bs = len(batch)
         for k, v in logs.items():
             self.log(f"train/{k}", v, prog_bar=(k == "loss"), batch_size=bs)
         return loss
+
+    def find_nonfinite(self, task: Task) -> str | None:
+        """Which loss of ``task`` is non-finite (``None`` if all are); used to diagnose faults."""
+        with torch.enable_grad():
+            preds = self.predict(self.adapt(task.support_x, task.support_y, task.spec), task.query_x)
+            loss = self.loss_fn(preds, task.query_y)
+        return None if torch.isfinite(loss) else f"query (outer) loss = {loss.item()}"
 
     def evaluate_batch(self, batch: TaskBatch) -> dict[str, Tensor]:
         """Per-task metrics ``[T]`` (keys: ``eval_metric_names()``) of a batch of evaluation tasks.

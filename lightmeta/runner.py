@@ -74,6 +74,7 @@ def build_learner(cfg: RunConfig, datamodule: EpisodicDataModule) -> MetaLearner
         )
     learner = cls(cfg.params("algorithm"), model=cfg.model.model_dump(), task=info)
     learner.run_config = cfg.to_dict()
+    learner.on_nonfinite = cfg.trainer.on_nonfinite
     return learner
 
 
