@@ -6,6 +6,7 @@ functions here, so a Python user gets the same behaviour without the command lin
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -72,11 +73,17 @@ def build_learner(cfg: RunConfig, datamodule: EpisodicDataModule) -> MetaLearner
             f"algorithm '{cfg.algorithm.name}' has a {info.train_ways}-way classifier head but evaluation "
             f"episodes are {info.eval_ways}-way; set the data's evaluation ways equal to its training ways"
         )
+    if cls.training_data == "flat":  # pre-training head: one output per meta-training class
+        datamodule.setup("fit")
+        info = info.model_copy(update={"train_classes": datamodule.flat_train_dataset().num_classes})
     learner = cls(cfg.params("algorithm"), model=cfg.model.model_dump(), task=info)
     learner.run_config = cfg.to_dict()
     learner.on_nonfinite = cfg.trainer.on_nonfinite
     return learner
 
+
+# The run directory holds config.yaml before the CSV logger starts; its warning about that is noise.
+warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 RUN_DIR_ENV = "LIGHTMETA_RUN_DIR"
 #: Ids shared by all processes of one job started by an external launcher (torchrun, SLURM).
