@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 from pydantic import Field, model_validator
+from torch import Tensor
+from torch.utils.data import Dataset
 
 from lightmeta.datamodule import DataConfig, EpisodicDataModule, SplitName, TaskSampler
 from lightmeta.episodes import EpisodeSpec, TaskBatch
@@ -67,6 +69,27 @@ class SyntheticTasks(TaskSampler):
         )
 
 
+class SyntheticFlat(Dataset):
+    """The meta-training classes as a flat labelled dataset (for non-episodic pre-training):
+    ``examples_per_class`` noisy copies of each template, example ``i`` drawn from
+    ``generator_for(data_seed, "flat-train", i)``, label ``i // examples_per_class``."""
+
+    def __init__(self, templates: Tensor, noise: float, data_seed: int, examples_per_class: int) -> None:
+        self.templates, self.noise, self.data_seed, self.per_class = templates, noise, data_seed, examples_per_class
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.templates)
+
+    def __len__(self) -> int:
+        return self.num_classes * self.per_class
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        label = i // self.per_class
+        noise = torch.randn(*self.templates.shape[1:], generator=generator_for(self.data_seed, "flat-train", i))
+        return self.templates[label] + self.noise * noise, torch.tensor(label)
+
+
 @register_datamodule("synthetic")
 class SyntheticDataModule(EpisodicDataModule):
     """Template-plus-noise image classes: N-way K-shot episodes with no data on disk."""
@@ -80,3 +103,9 @@ class SyntheticDataModule(EpisodicDataModule):
 
     def build_sampler(self) -> SyntheticTasks:
         return SyntheticTasks(self.config)
+
+    def flat_train_dataset(self) -> SyntheticFlat:
+        """The training classes' templates plus noise, ``shots + queries`` examples per class."""
+        c = self.config
+        templates = self.sampler.templates["train"]  # type: ignore[attr-defined]
+        return SyntheticFlat(templates, c.noise, c.data_seed, c.shots + c.queries)

@@ -144,7 +144,7 @@ class TrainingMonitor(L.Callback):
         assert isinstance(pl_module, MetaLearner)
         bs = len(batch)
         metrics = dict(pl_module.last_train_metrics)
-        if self.config.pre_adaptation:
+        if self.config.pre_adaptation and isinstance(batch, TaskBatch):  # not for flat pre-training batches
             for k, v in pre_adaptation_metrics(pl_module, batch).items():
                 pl_module.log(f"train/{k}_step0", v, on_step=True, on_epoch=False, batch_size=bs)
                 metrics[f"{k}_step0"] = v

@@ -10,20 +10,31 @@ a :class:`TaskBatch`); the base turns it into real ``DataLoader``s:
   and any number of workers or ranks see the same tasks;
 * validation and test tasks ``0..n-1`` use ``data.eval_seed`` (not the run seed), so every run
   and every algorithm is evaluated on the same tasks; ranks take disjoint shards.
+
+Learners that pre-train without episodes (``training_data = "flat"``, e.g. Baseline) get
+ordinary labelled mini-batches instead (:class:`FlatBatch`) from the datamodule's
+``flat_train_dataset()``: global batch ``b`` holds ``flat_batch_size`` examples drawn uniformly
+(with replacement) by ``generator_for(seed, "flat-train", b)``, split across ranks like a
+meta-batch, and served through the same :class:`EpochSampler` (same epochs, validation
+cadence and exact resume).
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Literal
 
 import lightning as L
+import torch
 from pydantic import Field
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightmeta.episodes import TaskBatch
 from lightmeta.errors import ConfigError
 from lightmeta.plugin import PluginConfig
+from lightmeta.seeding import generator_for
 from lightmeta.task_info import TaskInfo
 
 SplitName = Literal["train", "val", "test"]
@@ -91,6 +102,40 @@ class TrainEpisodes(Dataset):
 
     def __getitem__(self, batch_index: int) -> TaskBatch:
         return self.sampler.sample("train", self.task_ids(batch_index), self.seed)
+
+
+# Mutable on purpose, like TaskBatch: Lightning's device transfer rebuilds dataclasses.
+@dataclass
+class FlatBatch:
+    """An ordinary labelled mini-batch for non-episodic pre-training: ``x [B, ...]`` and global
+    class labels ``y [B]`` in ``0..train_classes-1``."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+class FlatTrainBatches(Dataset):
+    """Item ``b`` is this rank's share of global flat batch ``b`` (examples drawn uniformly, with
+    replacement, by ``generator_for(seed, "flat-train", b)``)."""
+
+    def __init__(self, dataset: Dataset, seed: int, batch_size: int, rank: int, world_size: int) -> None:
+        self.dataset, self.seed, self.batch_size = dataset, seed, batch_size
+        self.per_rank, self.rank = batch_size // world_size, rank
+
+    def __getitem__(self, batch_index: int) -> FlatBatch:
+        g = generator_for(self.seed, "flat-train", batch_index)
+        idx = torch.randint(len(self.dataset), (self.batch_size,), generator=g)
+        mine = idx[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+        fetch = getattr(self.dataset, "batch", None)  # batched fetching where the dataset offers it
+        if fetch is not None:
+            x, y = fetch(mine)
+        else:
+            items = [self.dataset[i] for i in mine.tolist()]
+            x, y = torch.stack([item[0] for item in items]), torch.as_tensor([int(item[1]) for item in items])
+        return FlatBatch(x, y)
 
 
 class EvalEpisodes(Dataset):
@@ -172,7 +217,30 @@ class EpisodicDataModule(L.LightningDataModule, ABC):
             persistent_workers=c.num_workers > 0,
         )
 
+    def flat_train_dataset(self) -> Dataset:
+        """The meta-training classes as a labelled dataset of ``(x, label)`` with a ``num_classes``
+        attribute (for non-episodic pre-training); datamodules that have one override this."""
+        raise ConfigError(
+            f"data '{getattr(self, 'registered_name', type(self).__name__)}' offers no flat labelled view of its "
+            "training classes, which non-episodic pre-training (e.g. algorithm=baseline) needs; choose a "
+            "classification datamodule such as omniglot, miniimagenet or synthetic"
+        )
+
+    def _flat_train_dataloader(self, batch_size: int) -> DataLoader:
+        rank, world = self._rank_world()
+        if batch_size % world:
+            raise ConfigError(
+                f"algorithm.batch_size={batch_size} is not divisible by the {world} training processes; "
+                "choose a multiple so every rank trains on the same number of examples"
+            )
+        batches = FlatTrainBatches(self.flat_train_dataset(), self.seed, batch_size, rank, world)
+        position, self._resume = self._resume, 0
+        return self._loader(batches, EpochSampler(self.config.train_batches_per_epoch, position))
+
     def train_dataloader(self) -> DataLoader:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if getattr(module, "training_data", "episodes") == "flat":
+            return self._flat_train_dataloader(module.flat_batch_size)
         rank, world = self._rank_world()
         m = self.config.meta_batch_size
         if m % world:

@@ -54,6 +54,10 @@ class MetaLearner(L.LightningModule, ABC):
     uses_head: ClassVar[bool] = True
     #: Problem types the algorithm supports; the run builder refuses other datamodules.
     problems: ClassVar[tuple[str, ...]] = ("classification", "regression")
+    #: What training batches are: "episodes" (a TaskBatch meta-batch, the default) or "flat"
+    #: (ordinary labelled mini-batches of the meta-training classes, a FlatBatch, for
+    #: non-episodic pre-training such as Baseline); "flat" learners also define ``flat_batch_size``.
+    training_data: ClassVar[Literal["episodes", "flat"]] = "episodes"
     #: A small backbone the conformance harness (lightmeta.testing) trains this algorithm with.
     example_model: ClassVar[dict[str, Any]] = {"name": "mlp", "hidden": [32, 32]}
 

@@ -20,6 +20,11 @@ class TaskInfo(BaseModel):
     train_ways: int = Field(ge=1, description="ways of training episodes (1 for regression)")
     eval_ways: int = Field(ge=1, description="ways of validation/test episodes")
     out_dim: int = Field(default=1, ge=1, description="target dimension for regression")
+    train_classes: int | None = Field(
+        default=None, ge=1,
+        description="number of meta-training classes; set by the run builder for learners that pre-train "
+        "on the flat labelled view (training_data = 'flat', e.g. Baseline)",
+    )
 
     @property
     def head_features(self) -> int:

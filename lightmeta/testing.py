@@ -17,7 +17,7 @@ import torch
 from pydantic import ValidationError
 
 from lightmeta.config import RunConfig, validate_config
-from lightmeta.datamodule import EpisodicDataModule, EvalEpisodes, TaskSampler, TrainEpisodes
+from lightmeta.datamodule import EpisodicDataModule, EvalEpisodes, FlatBatch, FlatTrainBatches, TaskSampler, TrainEpisodes
 from lightmeta.episodes import TaskBatch
 from lightmeta.meta_learner import MetaLearner
 from lightmeta.registry import ALGORITHMS, DATAMODULES
@@ -68,6 +68,12 @@ def _first_batch(dm: EpisodicDataModule) -> TaskBatch:
     return TrainEpisodes(dm.sampler, dm.seed, dm.config.meta_batch_size, 0, 1)[0]
 
 
+def _first_flat_batch(dm: EpisodicDataModule, learner: MetaLearner) -> FlatBatch:
+    """The first pre-training batch of a learner with ``training_data = "flat"``."""
+    dm.setup("fit")
+    return FlatTrainBatches(dm.flat_train_dataset(), dm.seed, learner.flat_batch_size, 0, 1)[0]
+
+
 def check_algorithm_step(name: str, workdir: Path) -> None:
     """One meta-step per supported problem: prediction shapes, a finite loss, and an outer
     gradient that reaches every trainable parameter."""
@@ -78,7 +84,8 @@ def check_algorithm_step(name: str, workdir: Path) -> None:
         learner: MetaLearner = build_learner(cfg, dm)
         batch = _first_batch(dm)
         learner.train()
-        loss, logs = learner.meta_loss(batch)
+        train_batch = _first_flat_batch(dm, learner) if learner.training_data == "flat" else batch
+        loss, logs = learner.meta_loss(train_batch)
         assert loss.ndim == 0 and math.isfinite(loss.item()), f"{name}: meta-loss {loss} on {problem}"
         assert "loss" in logs
         loss.backward()
