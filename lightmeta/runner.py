@@ -115,7 +115,11 @@ def next_run_dir(cfg: RunConfig) -> Path:
     while (root / f"version_{n}").exists():
         n += 1
     run_dir = root / f"version_{n}"
-    run_dir.mkdir()
+    try:
+        run_dir.mkdir()
+    except OSError as exc:
+        raise ConfigError(f"cannot create the run directory {run_dir} ({exc.strerror}); "
+                          "choose a writable output_dir") from None
     return run_dir
 
 
@@ -245,7 +249,7 @@ def fit(cfg: RunConfig, ckpt_path: str | None = None, test: bool = True) -> tupl
     """Train; then evaluate the best (meta-validation) checkpoint on the meta-test tasks."""
     if ckpt_path is not None:
         ckpt_path = resolve_checkpoint(ckpt_path, cfg.output_dir, cfg.experiment)
-        read_checkpoint_meta(ckpt_path)  # exists, loads safely, was written by lightmeta
+        check_resumable(read_checkpoint_meta(ckpt_path), cfg, ckpt_path)
     run = build_run(cfg)
     try:
         try:
@@ -277,6 +281,22 @@ def load_learner(ckpt_path: str | Path) -> MetaLearner:
     return cls.load_from_checkpoint(str(ckpt_path), map_location="cpu", weights_only=True)
 
 
+def check_resumable(meta: dict[str, Any], cfg: RunConfig, ckpt_path: str | Path) -> None:
+    """Refuse to resume a checkpoint whose algorithm or model differs from the config's."""
+    stored = meta.get("run_config") or {}
+    if meta["algorithm"] != cfg.algorithm.name:
+        raise ConfigError(f"checkpoint '{ckpt_path}' holds algorithm '{meta['algorithm']}' but the config asks for "
+                          f"'{cfg.algorithm.name}'; resume with algorithm={meta['algorithm']} or start a new run")
+    for section in ("model", "data"):
+        theirs, ours = stored.get(section), getattr(cfg, section).model_dump(mode="json")
+        if theirs is not None and section == "model" and theirs != ours:
+            raise ConfigError(f"checkpoint '{ckpt_path}' was trained with model {theirs} but the config has {ours}; "
+                              "resume with the checkpoint's model settings or start a new run")
+        if theirs is not None and section == "data" and theirs.get("name") != ours.get("name"):
+            raise ConfigError(f"checkpoint '{ckpt_path}' was trained on data '{theirs.get('name')}' but the config "
+                              f"has '{ours.get('name')}'; resume on the same datamodule or start a new run")
+
+
 def read_checkpoint_meta(ckpt_path: str | Path) -> dict[str, Any]:
     """The ``lightmeta`` block of a checkpoint (algorithm name, run config); never runs pickled code."""
     path = Path(ckpt_path)
@@ -296,6 +316,14 @@ def evaluate(cfg: RunConfig, stage: Literal["validate", "test"], ckpt_path: str)
             f"'{cfg.algorithm.name}'; pass algorithm={meta['algorithm']} or another checkpoint"
         )
     learner = load_learner(ckpt_path)
+    info = build_datamodule(cfg).task_info()
+    if info.problem != learner.task_info.problem:
+        raise ConfigError(f"checkpoint '{ckpt_path}' was trained on {learner.task_info.problem} tasks but data "
+                          f"'{cfg.data.name}' is {info.problem}; evaluate it on a {learner.task_info.problem} datamodule")
+    if learner.uses_head and info.problem == "classification" and learner.task_info.train_ways != info.eval_ways:
+        raise ConfigError(f"checkpoint '{ckpt_path}' has a {learner.task_info.train_ways}-way classifier head but the "
+                          f"config's evaluation episodes are {info.eval_ways}-way; set data.eval_ways="
+                          f"{learner.task_info.train_ways}")
     run = build_run(cfg, learner=learner)
     try:
         if stage == "validate":
