@@ -59,7 +59,6 @@ class Baseline(MetricMetaLearner):
 
     Config = BaselineConfig
     config: BaselineConfig
-    example_model = {"name": "conv4", "filters": 8}
     training_data = "flat"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

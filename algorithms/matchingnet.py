@@ -90,7 +90,6 @@ class MatchingNet(MetricMetaLearner):
 
     Config = MatchingNetConfig
     config: MatchingNetConfig
-    example_model = {"name": "conv4", "filters": 8}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -135,7 +135,6 @@ class MetaOptNet(MetricMetaLearner):
 
     Config = MetaOptNetConfig
     config: MetaOptNetConfig
-    example_model = {"name": "conv4", "filters": 8}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

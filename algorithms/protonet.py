@@ -62,7 +62,6 @@ class ProtoNet(MetricMetaLearner):
 
     Config = ProtoNetConfig
     config: ProtoNetConfig
-    example_model = {"name": "conv4", "filters": 8}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

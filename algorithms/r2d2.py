@@ -60,7 +60,6 @@ class R2D2(MetricMetaLearner):
 
     Config = R2D2Config
     config: R2D2Config
-    example_model = {"name": "conv4", "filters": 8}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -51,6 +51,7 @@ class MetricMetaLearner(MetaLearner):
     uses_head = False
     needs_grad_at_eval = False
     problems = ("classification",)
+    example_model = {"name": "conv4", "filters": 8}  # a small conv net with BatchNorm for the harness
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
