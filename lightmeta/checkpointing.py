@@ -1,7 +1,8 @@
 """Checkpoints that survive crashes and pre-emption, and never execute code when loaded.
 
 * :class:`SafeCheckpointIO` writes to a temporary file and renames it into place (a crash during
-  the save leaves the previous checkpoint intact, never a half-written one) and loads with
+  the save leaves the previous checkpoint intact, never a half-written one; a full disk or an
+  unwritable folder is one line naming the checkpoint and the fix) and loads with
   ``torch.load(weights_only=True)`` (a pickle payload that would run code is refused).
 * :class:`GracefulStop` turns SIGTERM (SLURM pre-emption) and the first Ctrl-C into a stop at the
   end of the current meta-step plus a resumable ``last.ckpt``.
@@ -9,11 +10,12 @@
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import lightning as L
 import torch
@@ -31,6 +33,28 @@ class UnsafeCheckpointError(LightmetaError):
     """A checkpoint holds objects that weights-only loading refuses (possibly code)."""
 
 
+class _WriteErrors:
+    """A binary file for ``torch.save`` that remembers the ``OSError`` a write raised.
+
+    torch's zip writer calls ``write`` from C++ and reports a failed write (a full disk) as a
+    ``RuntimeError`` about file positions, dropping the ``OSError``; this keeps it.
+    """
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Atomic saves (temp file + rename) and weights-only loads."""
 
@@ -38,15 +62,21 @@ class SafeCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        writer: _WriteErrors | None = None
         try:
             with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
+                writer = _WriteErrors(f)
+                torch.save(checkpoint, writer)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
             tmp.unlink(missing_ok=True)
-            raise LightmetaError(f"cannot write checkpoint {path}: {exc.strerror or exc}; free space or choose "
+            cause = exc if isinstance(exc, OSError) else writer.error if writer is not None else None
+            if cause is None:
+                raise  # torch failed for a reason other than the disk
+            fix = "free disk space" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else "make its folder writable"
+            raise LightmetaError(f"cannot write checkpoint {path}: {cause.strerror or cause}; {fix} or choose "
                                  "another output_dir (the previous checkpoint is untouched)") from None
         except BaseException:
             tmp.unlink(missing_ok=True)
