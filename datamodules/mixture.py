@@ -86,6 +86,9 @@ class MixtureConfig(EpisodeConfig):
             weight = source.get("weight", 1.0)
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
                 raise ValueError(f"sources[{i}].weight={weight!r} must be a positive number")
+            if source.get("episode_transfer", "float") != "float":
+                raise ValueError(f"sources[{i}].episode_transfer: the mixture builds its episodes in the DataLoader "
+                                 "(it resizes and mixes them there); remove it")
             owned = [k for k in source if k in OWNED]
             if owned:
                 raise ValueError(f"sources[{i}].{owned[0]}: set episode shapes, augmentation and stream settings on the "

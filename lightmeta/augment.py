@@ -117,10 +117,18 @@ def augment_task_batch(batch: TaskBatch, config: AugmentConfig, seed: int, clamp
     """The batch with every support and query image augmented (a new :class:`TaskBatch`)."""
     if not config.active or len(batch) == 0:
         return batch
+    n = batch.support_x.shape[1] + batch.query_x.shape[1]
+    return augment_drawn(batch, config, draw_uniforms(batch.task_ids.tolist(), n, seed), clamp)
+
+
+def augment_drawn(batch: TaskBatch, config: AugmentConfig, uniforms: Tensor, clamp: bool = True) -> TaskBatch:
+    """:func:`augment_task_batch` with the draws ``uniforms [T, S+Q, DRAWS_PER_IMAGE]`` of
+    :func:`draw_uniforms` given: drawn in a DataLoader worker, applied on the training device."""
+    if not config.active or len(batch) == 0:
+        return batch
     t, n_s, n_q = len(batch), batch.support_x.shape[1], batch.query_x.shape[1]
     shape = batch.support_x.shape[2:]
-    u = draw_uniforms(batch.task_ids.tolist(), n_s + n_q, seed)
     x = torch.cat([batch.support_x, batch.query_x], dim=1).reshape(t * (n_s + n_q), *shape)
-    x = augment_images(x, config, u.reshape(-1, DRAWS_PER_IMAGE), clamp).view(t, n_s + n_q, *shape)
+    x = augment_images(x, config, uniforms.reshape(-1, DRAWS_PER_IMAGE), clamp).view(t, n_s + n_q, *shape)
     return TaskBatch(x[:, :n_s].contiguous(), batch.support_y, x[:, n_s:].contiguous(), batch.query_y,
                      batch.spec, batch.task_ids)

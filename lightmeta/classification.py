@@ -22,15 +22,25 @@ A datamodule for an image dataset implements two methods of :class:`Classificati
   resumed run draws the same specs. Evaluation episodes keep the fixed ``eval_*`` spec, so
   reported figures stay comparable; all classes of an episode have the same shots;
 * augmentation (``data.augment``: crop with padding, flip, colour jitter) is applied to
-  training episodes only, batched, by :mod:`lightmeta.augment`.
+  training episodes only, batched, by :mod:`lightmeta.augment`;
+* where episodes are built (``data.episode_transfer``): ``float`` builds them in the
+  DataLoader; ``uint8`` and ``indices`` have the DataLoader hand over an :class:`EpisodePlan`
+  (every random draw made, on the CPU generators above) and the datamodule's
+  ``on_after_batch_transfer`` builds the :class:`TaskBatch` on the training device: from the
+  plan's ``uint8`` pixels (4x fewer bytes to transfer than float32), or, with ``indices``, from
+  the whole ``uint8`` dataset held on that device (the plan carries image indices only). The
+  three give identical episodes (bit for bit on the same device; on an accelerator the colour
+  jitter's float arithmetic may round differently in the last bit).
 
 Pixels: ``uint8`` images come out as ``float32`` in ``[0, 1]`` (value / 255); floating-point
 images are cast to ``float32`` unchanged. No normalisation is applied. Datasets whose float32
 copy fits in :data:`FLOAT_BUDGET_BYTES` are converted once at setup (Omniglot at 28x28: 100 MB),
-so the hot path is a single ``index_select``.
+so the hot path is a single ``index_select`` (with ``data.episode_transfer=float``; the other
+modes keep the ``uint8`` images and convert after the gather).
 """
 from __future__ import annotations
 
+import os
 from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Sequence, cast
@@ -40,7 +50,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lightmeta.augment import AugmentConfig, augment_task_batch
+from lightmeta.augment import AugmentConfig, augment_drawn, draw_uniforms
 from lightmeta.datamodule import DataConfig, EpisodicDataModule, SplitName, TaskSampler
 from lightmeta.episodes import EpisodeSpec, TaskBatch
 from lightmeta.errors import ConfigError, DataError
@@ -50,7 +60,20 @@ from lightmeta.task_info import TaskInfo
 SPLITS: tuple[SplitName, ...] = ("train", "val", "test")
 ROTATIONS = 4  # 0, 90, 180, 270 degrees
 FLOAT_BUDGET_BYTES = 1 << 30  # uint8 images up to this size as float32 are converted once, at setup
+RESIDENT_FRACTION = 0.5  # data.episode_transfer=indices: the dataset may take this share of the device's memory
 RotationMode = Literal["none", "train", "all"]
+EpisodeTransfer = Literal["float", "uint8", "indices"]
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of ``device`` (CPU: physical RAM), or None where torch cannot tell."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    if device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
+        return int(torch.mps.recommended_max_memory())
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return None
 
 
 def _ids(values: Tensor | Sequence[int]) -> Tensor:
@@ -136,11 +159,12 @@ def _to_float(x: Tensor) -> Tensor:
     return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
 
 
-def _stored(images: Tensor) -> Tensor:
+def _stored(images: Tensor, transfer: EpisodeTransfer = "float") -> Tensor:
     """The pixels as sampled: ``uint8`` becomes float32 in [0, 1] once, here, when that copy
-    fits in :data:`FLOAT_BUDGET_BYTES` (converting every batch costs more than gathering it);
-    larger datasets stay ``uint8`` and are converted batch by batch."""
-    if images.dtype == torch.uint8 and images.numel() * 4 <= FLOAT_BUDGET_BYTES:
+    fits in :data:`FLOAT_BUDGET_BYTES` (converting every batch costs more than gathering it) and
+    episodes are built as float32 in the loader; otherwise ``uint8`` stays ``uint8`` and is
+    converted batch by batch, after the gather (on the training device unless ``transfer`` is float)."""
+    if transfer == "float" and images.dtype == torch.uint8 and images.numel() * 4 <= FLOAT_BUDGET_BYTES:
         return _to_float(images)
     return images if images.dtype in (torch.uint8, torch.float32) else images.float()
 
@@ -160,6 +184,50 @@ def _rotate(x: Tensor, rot: Tensor) -> Tensor:
         if rows.numel():
             flat.index_copy_(0, rows, torch.rot90(flat.index_select(0, rows), r, dims=(-2, -1)))
     return x
+
+
+def _move(x: Tensor | None, device: torch.device, non_blocking: bool) -> Tensor | None:
+    return None if x is None else x.to(device, non_blocking=non_blocking)
+
+
+class EpisodePlan:
+    """A meta-batch drawn but not yet built: what the DataLoaders hand over when
+    ``data.episode_transfer`` is ``uint8`` or ``indices``. :meth:`ClassificationTasks.build`
+    turns it into the :class:`TaskBatch`, on the device its tensors are on.
+
+    ``index [T, N, K+Q]``: the image indices, row ``[t, j]`` the images of task ``t``'s class
+    with label ``j``, support images first; ``rotation [T, N]``: quarter turns per class (None:
+    the split is not rotated); ``uniforms [T, N*(K+Q), DRAWS_PER_IMAGE]``: the augmentation draws
+    (None: not augmented); ``support_x [T, N, K, C, H, W]`` / ``query_x``: the gathered, rotated
+    pixels in the stored dtype (``uint8`` transfer), or None (``indices``: gathered on the device).
+
+    Not a dataclass on purpose: Lightning moves it as one object through :meth:`to`, and its
+    precision plugins, which cast every floating-point tensor of a batch to the training dtype
+    before the transfer, pass it by, so the augmentation draws arrive exactly as drawn under
+    ``bf16-true``; the datamodule casts the built episode instead.
+    """
+
+    def __init__(self, index: Tensor, rotation: Tensor | None, uniforms: Tensor | None, spec: EpisodeSpec,
+                 task_ids: Tensor, support_x: Tensor | None = None, query_x: Tensor | None = None) -> None:
+        self.index, self.rotation, self.uniforms, self.spec, self.task_ids = index, rotation, uniforms, spec, task_ids
+        self.support_x, self.query_x = support_x, query_x
+
+    def __len__(self) -> int:
+        return len(self.task_ids)
+
+    def _map(self, fn: Any) -> "EpisodePlan":
+        return EpisodePlan(fn(self.index), fn(self.rotation), fn(self.uniforms), self.spec, fn(self.task_ids),
+                           fn(self.support_x), fn(self.query_x))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "EpisodePlan":
+        """The plan on ``device`` (Lightning's batch transfer calls this); asynchronous to CUDA."""
+        device = torch.device(device)
+        asynchronous = non_blocking or device.type == "cuda"
+        return self._map(lambda x: _move(x, device, asynchronous))
+
+    def pin_memory(self) -> "EpisodePlan":
+        """Called by ``DataLoader(pin_memory=True)``."""
+        return self._map(lambda x: None if x is None else x.pin_memory())
 
 
 class FlatClassDataset(Dataset):
@@ -254,14 +322,19 @@ class ClassificationTasks(TaskSampler):
     ``rotations``: ``none``, ``train`` (rotated copies are new meta-training classes) or ``all``
     (every split). ``ways_range``/``shots_range`` make training specs vary per meta-batch of
     ``spec_group`` tasks (see :class:`EpisodeSpecs`); ``augment`` augments training episodes.
-    Impossible specs raise :class:`ConfigError` here, at setup.
+    ``transfer`` (``data.episode_transfer``) decides what :meth:`plan` hands over; :meth:`sample`
+    always returns the built episodes. Impossible specs raise :class:`ConfigError` here, at setup.
     """
 
     def __init__(self, data: ClassImages, train_spec: EpisodeSpec, eval_spec: EpisodeSpec,
                  rotations: RotationMode = "none", *, ways_range: tuple[int, int] | None = None,
                  shots_range: tuple[int, int] | None = None, spec_group: int = 1,
-                 augment: AugmentConfig | None = None) -> None:
-        self.images = _stored(data.images)
+                 augment: AugmentConfig | None = None, transfer: EpisodeTransfer = "float") -> None:
+        if transfer == "uint8" and data.images.dtype != torch.uint8:
+            raise ConfigError(f"data.episode_transfer=uint8 hands uint8 images to the device, but this dataset's images "
+                              f"are {data.images.dtype}; set data.episode_transfer to float or indices")
+        self.transfer = transfer
+        self.images = _stored(data.images, transfer)
         self.unit_range = data.images.dtype == torch.uint8  # pixels in [0, 1]: jitter may clamp
         self.train_spec, self.eval_spec, self.rotations = train_spec, eval_spec, rotations
         self.specs = EpisodeSpecs(train_spec, eval_spec, ways_range, shots_range, spec_group)
@@ -349,32 +422,65 @@ class ClassificationTasks(TaskSampler):
         return self._draw(split, task_ids, seed, self.episode_spec(split, task_ids, seed))[0]
 
     def sample(self, split: SplitName, task_ids: list[int], seed: int) -> TaskBatch:
-        batch = self.sample_spec(split, task_ids, seed, self.episode_spec(split, task_ids, seed))
-        if split == "train" and self.augment.active:
-            batch = augment_task_batch(batch, self.augment, seed, clamp=self.unit_range)
-        return batch
+        spec = self.episode_spec(split, task_ids, seed)
+        return self.build(self._plan(split, task_ids, seed, spec, augment=split == "train"))
 
     def sample_spec(self, split: SplitName, task_ids: Sequence[int], seed: int, spec: EpisodeSpec) -> TaskBatch:
         """Tasks of a given spec, not augmented (the mixture datamodule draws specs itself)."""
+        return self.build(self._plan(split, task_ids, seed, spec, augment=False))
+
+    def plan(self, split: SplitName, task_ids: list[int], seed: int) -> EpisodePlan:
+        """What the DataLoader hands over when episodes are built on the training device: the
+        draws of :meth:`sample` (same generators, so ``build(plan(...))`` equals ``sample(...)``),
+        with the ``uint8`` pixels gathered when ``transfer`` is ``uint8``."""
+        plan = self._plan(split, task_ids, seed, self.episode_spec(split, task_ids, seed), augment=split == "train")
+        if self.transfer == "uint8":
+            k = plan.spec.shots
+            plan.support_x = self._pixels(self.images, plan.index[:, :, :k], plan.rotation)
+            plan.query_x = self._pixels(self.images, plan.index[:, :, k:], plan.rotation)
+        return plan
+
+    def _plan(self, split: SplitName, task_ids: Sequence[int], seed: int, spec: EpisodeSpec, augment: bool) -> EpisodePlan:
         ids, picks = self._draw(split, task_ids, seed, spec)
-        t, n, k, q = len(task_ids), spec.ways, spec.shots, spec.queries
         index = self.table[(ids // ROTATIONS).unsqueeze(-1), picks]  # [T, N, K+Q] image indices
         rotation = ids % ROTATIONS if self.rotated(split) else None
-        labels = torch.arange(n)
-        # support and query are gathered separately so that each comes out contiguous
-        return TaskBatch(
-            support_x=self._gather(index[:, :, :k], rotation).view(t, n * k, *self.images.shape[1:]),
+        uniforms = None
+        if augment and self.augment.active:
+            uniforms = draw_uniforms(list(task_ids), spec.ways * (spec.shots + spec.queries), seed)
+        return EpisodePlan(index, rotation, uniforms, spec, torch.tensor(list(task_ids), dtype=torch.long))
+
+    def build(self, plan: EpisodePlan, images: Tensor | None = None) -> TaskBatch:
+        """The episodes of a plan, on the device of the plan's tensors: pixels from the plan, or
+        gathered from ``images`` (default: this sampler's own; the datamodule passes its copy on
+        the training device), converted to float32, augmented with the plan's draws."""
+        spec, t = plan.spec, len(plan)
+        n, k, q = spec.ways, spec.shots, spec.queries
+        if plan.support_x is None or plan.query_x is None:
+            source = self.images if images is None else images
+            # support and query are gathered separately so that each comes out contiguous
+            support = self._pixels(source, plan.index[:, :, :k], plan.rotation)
+            query = self._pixels(source, plan.index[:, :, k:], plan.rotation)
+        else:
+            support, query = plan.support_x, plan.query_x
+        shape = support.shape[-3:]
+        labels = torch.arange(n, device=plan.index.device)
+        batch = TaskBatch(
+            support_x=_to_float(support).view(t, n * k, *shape),
             support_y=labels.repeat_interleave(k).repeat(t, 1),
-            query_x=self._gather(index[:, :, k:], rotation).view(t, n * q, *self.images.shape[1:]),
+            query_x=_to_float(query).view(t, n * q, *shape),
             query_y=labels.repeat_interleave(q).repeat(t, 1),
             spec=spec,
-            task_ids=torch.tensor(list(task_ids), dtype=torch.long),
+            task_ids=plan.task_ids,
         )
+        if plan.uniforms is not None:
+            batch = augment_drawn(batch, self.augment, plan.uniforms, clamp=self.unit_range)
+        return batch
 
-    def _gather(self, index: Tensor, rotation: Tensor | None) -> Tensor:
-        """Images ``[T, N, M, C, H, W]`` as float32, class ``[t, j]`` rotated by ``rotation[t, j]``."""
-        x = _take(self.images, index)
-        return _to_float(x if rotation is None else _rotate(x, rotation))
+    @staticmethod
+    def _pixels(images: Tensor, index: Tensor, rotation: Tensor | None) -> Tensor:
+        """Images ``[T, N, M, C, H, W]`` in their stored dtype, class ``[t, j]`` rotated by ``rotation[t, j]``."""
+        x = _take(images, index)
+        return x if rotation is None else _rotate(x, rotation)
 
     def flat_dataset(self, split: SplitName = "train") -> FlatClassDataset:
         """All images of a split's classes (rotated copies included when augmented), labelled."""
@@ -432,11 +538,20 @@ class EpisodeConfig(DataConfig):
 
 
 class ClassificationConfig(EpisodeConfig):
-    """Episode shapes for training and evaluation, class augmentation and image augmentation."""
+    """Episode shapes for training and evaluation, class augmentation, image augmentation, and
+    where episodes are built."""
 
     augment_rotations: RotationMode = Field(
         default="none",
         description="rotations by 90/180/270 degrees as new classes: none, train (meta-training classes) or all splits",
+    )
+    episode_transfer: EpisodeTransfer = Field(
+        default="float",
+        description="what the DataLoader hands to the training device: float (float32 episodes built in the loader), "
+        "uint8 (the gathered uint8 pixels, 4x fewer bytes; conversion to float and augmentation run on the device "
+        "after the transfer) or indices (the whole uint8 dataset is held on the device, in at most half its memory; "
+        "the loader draws only image indices and augmentation draws, and gathering, conversion and augmentation run "
+        "on the device, a meta-batch per call). All three give the same episodes",
     )
 
 
@@ -450,6 +565,10 @@ class ClassificationDataModule(EpisodicDataModule):
     Config = ClassificationConfig
     config: ClassificationConfig
     default_model: ClassVar[dict[str, Any] | None] = {"name": "conv4"}
+
+    def __init__(self, config: ClassificationConfig | dict[str, Any] | None = None, seed: int = 0) -> None:
+        super().__init__(config, seed)
+        self._resident: Tensor | None = None  # the images on the training device (episode_transfer=indices)
 
     @abstractmethod
     def image_shape(self) -> tuple[int, int, int]:
@@ -474,7 +593,8 @@ class ClassificationDataModule(EpisodicDataModule):
             raise DataError(f"{type(self).__name__} loaded images of shape {got}, but image_shape() says {want}")
         c = self.config
         return ClassificationTasks(data, c.train_spec, c.eval_spec, c.augment_rotations, ways_range=c.ways_range,
-                                   shots_range=c.shots_range, spec_group=c.meta_batch_size, augment=c.augment)
+                                   shots_range=c.shots_range, spec_group=c.meta_batch_size, augment=c.augment,
+                                   transfer=c.episode_transfer)
 
     @property
     def tasks(self) -> ClassificationTasks:
@@ -484,3 +604,53 @@ class ClassificationDataModule(EpisodicDataModule):
     def flat_train_dataset(self) -> FlatClassDataset:
         """The meta-training classes as a plain labelled dataset (for pre-training baselines)."""
         return self.tasks.flat_dataset("train")
+
+    # ------------------------------------------------------------------ episodes built on the device
+    def loader_sampler(self) -> TaskSampler:
+        """The sampler itself (``episode_transfer=float``), or its :class:`EpisodePlan` view."""
+        return self.sampler if self.config.episode_transfer == "float" else EpisodePlans(self.tasks)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the data; with ``episode_transfer=indices`` also copy it to the training device
+        now (each DDP rank to its own), so a dataset that does not fit fails before training."""
+        super().setup(stage)
+        if self.config.episode_transfer == "indices" and self.trainer is not None:
+            self.resident_images(self.trainer.strategy.root_device)
+
+    def resident_images(self, device: torch.device) -> Tensor:
+        """The dataset's images held on ``device`` (copied once; CPU: the images themselves)."""
+        if self._resident is None or self._resident.device != device:
+            images = self.tasks.images
+            capacity = device_memory_bytes(device)
+            size = images.numel() * images.element_size()
+            if capacity is not None and size > RESIDENT_FRACTION * capacity:
+                raise ConfigError(
+                    f"data.episode_transfer=indices holds the whole dataset on {device}, but its {size / 2**30:.2f} GiB of "
+                    f"images exceed {RESIDENT_FRACTION:.0%} of the device's {capacity / 2**30:.2f} GiB; set "
+                    "data.episode_transfer=uint8 (the loader gathers the images and sends them as uint8)"
+                )
+            self._resident = None  # release a copy on another device first
+            self._resident = images.to(device)
+        return self._resident
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Build :class:`EpisodePlan` batches on the device they were moved to (Lightning calls
+        this on each rank after the transfer), then apply the trainer's input precision as
+        Lightning does to every other batch before the transfer; other batches pass unchanged."""
+        if not isinstance(batch, EpisodePlan):
+            return batch
+        images = self.resident_images(batch.index.device) if batch.support_x is None else None
+        built = self.tasks.build(batch, images)
+        trainer = self.trainer
+        return trainer.precision_plugin.convert_input(built) if trainer is not None else built
+
+
+class EpisodePlans(TaskSampler):
+    """The DataLoaders' view of a :class:`ClassificationTasks` whose episodes are built on the
+    training device: its items are :class:`EpisodePlan` objects (picklable: it travels to workers)."""
+
+    def __init__(self, tasks: ClassificationTasks) -> None:
+        self.tasks = tasks
+
+    def sample(self, split: SplitName, task_ids: list[int], seed: int) -> EpisodePlan:  # type: ignore[override]
+        return self.tasks.plan(split, task_ids, seed)

@@ -199,6 +199,12 @@ class EpisodicDataModule(L.LightningDataModule, ABC):
     def setup(self, stage: str | None = None) -> None:
         _ = self.sampler
 
+    def loader_sampler(self) -> TaskSampler:
+        """What the episode DataLoaders draw from: the sampler itself. A datamodule that builds
+        episodes on the training device (in ``on_after_batch_transfer``) returns a sampler whose
+        items are the unbuilt episodes instead."""
+        return self.sampler
+
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
         if trainer is None:
@@ -248,7 +254,7 @@ class EpisodicDataModule(L.LightningDataModule, ABC):
                 f"data.meta_batch_size={m} is not divisible by the {world} training processes; "
                 "choose a multiple so every rank adapts the same number of tasks"
             )
-        episodes = TrainEpisodes(self.sampler, self.seed, m, rank, world)
+        episodes = TrainEpisodes(self.loader_sampler(), self.seed, m, rank, world)
         position, self._resume = self._resume, 0
         return self._loader(episodes, EpochSampler(self.config.train_batches_per_epoch, position))
 
@@ -266,7 +272,7 @@ class EpisodicDataModule(L.LightningDataModule, ABC):
     def eval_episodes(self, split: Literal["val", "test"]) -> EvalEpisodes:
         rank, world = self._rank_world()
         n = self.config.val_tasks if split == "val" else self.config.test_tasks
-        return EvalEpisodes(self.sampler, split, n, self.config.eval_seed, self.config.eval_batch_size, rank, world)
+        return EvalEpisodes(self.loader_sampler(), split, n, self.config.eval_seed, self.config.eval_batch_size, rank, world)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.eval_episodes("val"))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from pydantic import ValidationError
 
 from lightmeta.config import RunConfig, validate_config
@@ -144,7 +145,8 @@ def check_algorithm(name: str, workdir: Path) -> None:
 def check_datamodule(name: str, workdir: Path) -> None:
     """The episodic contract: shapes match ``task_info``, training tasks are a pure function of
     (seed, index), DDP ranks split each meta-batch disjointly and exactly, evaluation tasks are
-    fixed (independent of the run seed) and sharded across ranks without loss or overlap."""
+    fixed (independent of the run seed) and sharded across ranks without loss or overlap; image
+    datamodules build the same episodes on the device (``data.episode_transfer``) as in the loader."""
     cls = DATAMODULES.get(name)
     params = {**cls.example_config(workdir), **TINY_DATA, "meta_batch_size": 4}
     config = cls.Config.model_validate(params)
@@ -188,6 +190,21 @@ def check_datamodule(name: str, workdir: Path) -> None:
         assert sorted(ids) == list(range(n)), f"{name}: {split} shards lose or duplicate tasks"
     assert not torch.equal(EvalEpisodes(dm.sampler, "val", 4, config.eval_seed, 4, 0, 1)[0].support_x,
                            EvalEpisodes(dm.sampler, "test", 4, config.eval_seed, 4, 0, 1)[0].support_x)
+
+    # image datamodules: episodes built on the training device (data.episode_transfer) are the
+    # loader-built ones (the "device" here is the CPU, as Lightning moves and finishes a batch)
+    if "episode_transfer" in cls.Config.model_fields:
+        for transfer in ("uint8", "indices"):
+            built = cls(cls.Config.model_validate({**params, "episode_transfer": transfer}), seed=7)
+            built.setup("fit")
+            plans = built.loader_sampler()
+            pairs = [(TrainEpisodes(plans, 7, m, 0, 1)[0], batch)]
+            pairs += [(EvalEpisodes(plans, s, 4, config.eval_seed, 4, 0, 1)[0], EvalEpisodes(dm.sampler, s, 4, config.eval_seed, 4, 0, 1)[0])
+                      for s in ("val", "test")]
+            for plan, want in pairs:
+                got = built.on_after_batch_transfer(move_data_to_device(plan, torch.device("cpu")), 0)
+                assert all(torch.equal(getattr(got, f), getattr(want, f)) for f in ("support_x", "support_y", "query_x", "query_y", "task_ids")), \
+                    f"{name}: data.episode_transfer={transfer} builds other episodes than the DataLoader"
 
 
 def _sampler(cls: type[EpisodicDataModule], config: Any, seed: int) -> TaskSampler:
