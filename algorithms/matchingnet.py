@@ -9,6 +9,11 @@ The head returns ``log P`` as logits, so the base class's cross-entropy is the p
 negative log-likelihood (``log_softmax(log P) = log P`` since ``P`` sums to one); ``P`` is
 clamped at ``1e-8`` below so a class with no attention mass has a finite loss.
 
+``cosine_scale`` multiplies the cosines before the softmax (1.0, fixed: the paper). A larger,
+learned temperature (``cosine_scale: 10``, ``learn_scale: true``, the metric scaling of Oreshkin
+et al. 2018) sharpens the attention, which the paper's unit-temperature softmax over values in
+[-1, 1] cannot do; it trains much faster on many-way episodes.
+
 ``fce: true`` adds the paper's full-context embeddings (appendix A.2): ``g`` runs a
 bidirectional LSTM over the support embeddings ``g'(x_i)`` and adds both directions' outputs
 and the skip connection; ``f`` runs ``fce_steps`` steps of an attention LSTM on the query
@@ -43,13 +48,17 @@ class MatchingNetConfig(AlgorithmConfig):
 
     fce: bool = Field(default=False, description="full-context embeddings: BiLSTM over support, attention LSTM for queries")
     fce_steps: int = Field(default=5, ge=1, description="processing steps of the query attention LSTM (fce only)")
+    cosine_scale: float = Field(default=1.0, gt=0, description="temperature multiplying the cosines before the attention softmax (1: the paper)")
+    learn_scale: bool = Field(default=False, description="learn the attention temperature with the backbone")
 
 
-def matching_log_probs(query: Tensor, support: Tensor, support_y: Tensor, ways: int) -> Tensor:
-    """``log sum_i softmax_i(cos(q, s_i)) onehot(y_i)`` for queries ``[T, Q, D]``, support
-    ``[T, M, D]``, labels ``[T, M]`` -> ``[T, Q, ways]``."""
+def matching_log_probs(
+    query: Tensor, support: Tensor, support_y: Tensor, ways: int, scale: Tensor | float = 1.0
+) -> Tensor:
+    """``log sum_i softmax_i(scale * cos(q, s_i)) onehot(y_i)`` for queries ``[T, Q, D]``,
+    support ``[T, M, D]``, labels ``[T, M]`` -> ``[T, Q, ways]``."""
     cosine = F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).transpose(1, 2)  # [T, Q, M]
-    attention = cosine.softmax(-1)
+    attention = (scale * cosine).softmax(-1)
     probs = attention @ F.one_hot(support_y, ways).to(attention.dtype)
     return probs.clamp(min=MIN_PROB).log()
 
@@ -94,6 +103,11 @@ class MatchingNet(MetricMetaLearner):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fce = FullContextEmbedding(self.model.feature_dim, self.config.fce_steps) if self.config.fce else None
+        scale = torch.tensor(float(self.config.cosine_scale))
+        if self.config.learn_scale:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
 
     def fit_head(self, support_z: Tensor, support_y: Tensor, spec: EpisodeSpec) -> tuple[Tensor, Tensor, int]:
         """The (full-context) support embeddings, their labels and the number of ways."""
@@ -107,4 +121,4 @@ class MatchingNet(MetricMetaLearner):
         query = query_z.flatten(2)
         if self.fce is not None:
             query = self.fce.query(query, support)
-        return matching_log_probs(query, support, support_y, ways)
+        return matching_log_probs(query, support, support_y, ways, self.scale)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from lightmeta.episodes import EpisodeSpec
@@ -18,30 +19,35 @@ def make(features: int, **algo):
     return ALGORITHMS.get("matchingnet")(algo, model=IDENTITY, task=info).double()
 
 
-def reference_log_probs(support: list[list[float]], labels: list[int], query: list[list[float]], ways: int) -> np.ndarray:
-    """Cosine similarities, softmax over the support set, attention-weighted label sum, log."""
+def reference_log_probs(
+    support: list[list[float]], labels: list[int], query: list[list[float]], ways: int, scale: float = 1.0
+) -> np.ndarray:
+    """Cosine similarities (times ``scale``), softmax over the support set, attention-weighted
+    label sum, log."""
     out = np.zeros((len(query), ways))
     for a, q in enumerate(query):
         sims = []
         for s in support:
             dot = sum(x * y for x, y in zip(q, s))
             sims.append(dot / (math.sqrt(sum(x * x for x in q)) * math.sqrt(sum(y * y for y in s))))
-        weights = [math.exp(v) for v in sims]
+        weights = [math.exp(scale * v) for v in sims]
         total = sum(weights)
         for k in range(ways):
             out[a, k] = math.log(max(sum(w for w, y in zip(weights, labels) if y == k) / total, 1e-8))
     return out
 
 
-def test_logits_equal_a_hand_computed_reference() -> None:
+@pytest.mark.parametrize("scale", [1.0, 7.5])
+def test_logits_equal_a_hand_computed_reference(scale: float) -> None:
     support = [[1.0, 0.0, 2.0], [0.0, 1.0, -1.0], [3.0, 0.0, 0.0], [-1.0, 2.0, 1.0], [0.5, 0.5, 0.5], [2.0, -2.0, 1.0]]
     labels = [2, 0, 1, 0, 2, 1]
     query = [[0.2, -0.3, 0.1], [1.0, 1.0, 1.0], [-2.0, 0.5, 3.0], [4.0, -1.0, 0.0]]
-    learner = make(3)
+    learner = make(3, cosine_scale=scale)
     spec = EpisodeSpec(ways=3, shots=2, queries=1)
     state = learner.adapt(torch.tensor(support, dtype=torch.float64), torch.tensor(labels), spec)
     logits = learner.predict(state, torch.tensor(query, dtype=torch.float64))
-    np.testing.assert_allclose(logits.detach().numpy(), reference_log_probs(support, labels, query, 3), rtol=1e-12, atol=1e-12)
+    expected = reference_log_probs(support, labels, query, 3, scale)
+    np.testing.assert_allclose(logits.detach().numpy(), expected, rtol=1e-12, atol=1e-12)
     # the logits are log-probabilities: cross-entropy on them is the paper's NLL
     np.testing.assert_allclose(logits.exp().sum(-1).detach().numpy(), 1.0, rtol=1e-12)
 
@@ -100,3 +106,14 @@ def test_full_context_embeddings_match_a_loop_reference_and_learn() -> None:
     assert not torch.allclose(permuted, logits)
     logits.mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.fce.parameters())
+
+
+def test_learned_temperature_is_a_parameter_that_gets_gradients() -> None:
+    learner = make(3, cosine_scale=10.0, learn_scale=True)
+    assert any(p is learner.scale for p in learner.parameters())
+    spec = EpisodeSpec(ways=3, shots=1, queries=1)
+    state = learner.adapt(torch.randn(3, 3, dtype=torch.float64), torch.arange(3), spec)
+    torch.nn.functional.cross_entropy(learner.predict(state, torch.randn(3, 3, dtype=torch.float64)), torch.arange(3)).backward()
+    assert learner.scale.grad is not None and learner.scale.grad.abs() > 0
+    fixed = make(3)
+    assert all(p is not fixed.scale for p in fixed.parameters())
