@@ -80,8 +80,9 @@ class Baseline(MetricMetaLearner):
     def classify(self, x: Tensor) -> Tensor:
         """Logits over all meta-training classes of a flat batch of images."""
         z = self.model(x).flatten(1)
-        if self.config.head == "cosine":
-            return cosine_logits(z, self.classifier.weight.T, self.config.cosine_scale)
+        if self.config.head == "cosine":  # normalisations in float32, as every metric head
+            with self.head_precision(z):
+                return cosine_logits(self.head_input(z), self.classifier.weight.T, self.config.cosine_scale)
         return self.classifier(z)
 
     def meta_loss(self, batch: FlatBatch | TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:  # type: ignore[override]

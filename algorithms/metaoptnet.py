@@ -145,18 +145,15 @@ class MetaOptNet(MetricMetaLearner):
             self.register_buffer("scale", scale)
 
     def fit_head(self, support_z: Tensor, support_y: Tensor, spec: EpisodeSpec) -> Tensor:
-        """Class weight vectors ``[T, D, ways]``, computed in float32 or wider (the QP and the
-        linear solves are too inexact in bf16)."""
+        """Class weight vectors ``[T, D, ways]``. The base class runs the head in float32 at
+        least with autocast off: the QP and the linear solves are too inexact in 16 bits."""
         x = support_z.flatten(2)
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.to(dtype)
-            y = F.one_hot(support_y, spec.ways).to(dtype)
-            if self.config.head == "ridge":
-                form = "woodbury" if x.shape[1] < x.shape[2] else "primal"
-                return ridge_weights(x, y, torch.tensor(self.config.ridge_lambda, dtype=dtype), form)
-            alpha = svm_dual(x @ x.transpose(1, 2), y, self.config.svm_c, self.config.dual_ridge, self.config.solver_steps)
-            return x.transpose(1, 2) @ alpha
+        y = F.one_hot(support_y, spec.ways).to(x.dtype)
+        if self.config.head == "ridge":
+            form = "woodbury" if x.shape[1] < x.shape[2] else "primal"
+            return ridge_weights(x, y, torch.tensor(self.config.ridge_lambda, dtype=x.dtype, device=x.device), form)
+        alpha = svm_dual(x @ x.transpose(1, 2), y, self.config.svm_c, self.config.dual_ridge, self.config.solver_steps)
+        return x.transpose(1, 2) @ alpha
 
     def head_logits(self, state: Tensor, query_z: Tensor) -> Tensor:
         return self.scale * (query_z.flatten(2).to(state.dtype) @ state)

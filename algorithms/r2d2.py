@@ -77,15 +77,12 @@ class R2D2(MetricMetaLearner):
         return "woodbury" if samples < features else "primal"
 
     def fit_head(self, support_z: Tensor, support_y: Tensor, spec: EpisodeSpec) -> Tensor:
-        """Ridge weights ``[T, D, ways]`` on one-hot targets. Solved in float32 at least, as
-        bf16 autocast would make the linear system too inexact."""
+        """Ridge weights ``[T, D, ways]`` on one-hot targets. The base class runs the head in
+        float32 at least with autocast off: a 16-bit linear solve would be too inexact."""
         x = support_z.flatten(2)
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.to(dtype)
-            y = F.one_hot(support_y, spec.ways).to(dtype)
-            lam = self.log_lambda.exp().to(dtype)
-            return ridge_weights(x, y, lam, self.solver_form(x.shape[1], x.shape[2]))
+        y = F.one_hot(support_y, spec.ways).to(x.dtype)
+        lam = self.log_lambda.exp().to(x.dtype)
+        return ridge_weights(x, y, lam, self.solver_form(x.shape[1], x.shape[2]))
 
     def head_logits(self, state: Tensor, query_z: Tensor) -> Tensor:
         query = query_z.flatten(2).to(state.dtype)

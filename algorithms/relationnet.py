@@ -72,6 +72,7 @@ class RelationNet(MetricMetaLearner):
     Config = RelationNetConfig
     config: RelationNetConfig
     example_model = {"name": "conv4", "filters": 8, "keep_spatial": True, "pooled_blocks": 2}
+    fp32_head = False  # the relation module is a learned conv net: it keeps mixed precision's speed
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -30,11 +30,21 @@ a test task's predictions depend neither on the other tasks of its evaluation ba
 two paths agree exactly for backbones without BatchNorm; with BatchNorm the per-task path
 (``adapt`` embeds the support set alone, ``predict`` the query set alone) normalises over
 smaller batches.
+
+Mixed precision: the backbone runs under autocast (bf16 or fp16, where the speed is), but the
+head runs in float32 (or float64 if the embeddings are) with autocast off, since ridge and SVM
+solves, squared distances and cosine normalisations lose too much in 16 bits (a squared
+distance between 1600-dimensional embeddings easily exceeds float16's 65504). A head that is a
+learned network (Relation Networks' relation module) sets ``fp32_head = False`` and stays under
+autocast. Either way the loss and metrics are computed in float32 at least. Under
+``16-mixed`` Lightning's GradScaler scales the outer loss; there is no inner gradient to scale.
 """
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +62,9 @@ class MetricMetaLearner(MetaLearner):
     needs_grad_at_eval = False
     problems = ("classification",)
     example_model = {"name": "conv4", "filters": 8}  # a small conv net with BatchNorm for the harness
+    #: Run ``fit_head``/``head_logits`` in float32 (at least) with autocast off; False for a head
+    #: that is a learned network and should keep mixed precision's speed.
+    fp32_head: ClassVar[bool] = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -81,12 +94,29 @@ class MetricMetaLearner(MetaLearner):
         """Backbone features of a flat batch of images."""
         return self.model(x)
 
+    # ------------------------------------------------------------------ head precision
+    @contextmanager
+    def head_precision(self, z: Tensor) -> Iterator[None]:
+        """Autocast off around the head when ``fp32_head`` (see the module notes)."""
+        with torch.autocast(device_type=z.device.type, enabled=False) if self.fp32_head else nullcontext():
+            yield
+
+    def head_input(self, z: Tensor) -> Tensor:
+        """Embeddings as the head takes them: float32 at least when ``fp32_head``."""
+        return _at_least_fp32(z) if self.fp32_head else z
+
+    def run_head(self, support_z: Tensor, support_y: Tensor, query_z: Tensor, spec: EpisodeSpec) -> Tensor:
+        """Query logits ``[T, N*Q, ways]`` from support and query embeddings: ``fit_head`` then
+        ``head_logits``, at the head's precision."""
+        with self.head_precision(support_z):
+            state = self.fit_head(self.head_input(support_z), support_y, spec)
+            return self.head_logits(state, self.head_input(query_z))
+
     def episode_logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, spec: EpisodeSpec) -> Tensor:
         """Query logits ``[T, N*Q, ways]`` of ``T`` tasks; support and query embedded in one call."""
         n_support = support_x.shape[1]
         z = self.embed(torch.cat([support_x, query_x], dim=1))
-        state = self.fit_head(z[:, :n_support], support_y, spec)
-        return self.head_logits(state, z[:, n_support:])
+        return self.run_head(z[:, :n_support], support_y, z[:, n_support:], spec)
 
     def batch_metrics(self, logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """Per-task query ``loss`` (mean cross-entropy) and ``acc``, each ``[T]``."""
@@ -97,16 +127,20 @@ class MetricMetaLearner(MetaLearner):
     # ------------------------------------------------------------------ single-task contract
     def adapt(self, support_x: Tensor, support_y: Tensor, spec: EpisodeSpec) -> Any:
         """The head state of one task (e.g. its prototypes), batched with ``T = 1``."""
-        return self.fit_head(self.embed(support_x.unsqueeze(0)), support_y.unsqueeze(0), spec)
+        z = self.embed(support_x.unsqueeze(0))
+        with self.head_precision(z):
+            return self.fit_head(self.head_input(z), support_y.unsqueeze(0), spec)
 
     def predict(self, state: Any, query_x: Tensor) -> Tensor:
-        return self.head_logits(state, self.embed(query_x.unsqueeze(0))).squeeze(0)
+        z = self.embed(query_x.unsqueeze(0))
+        with self.head_precision(z):
+            return self.head_logits(state, self.head_input(z)).squeeze(0)
 
     # ------------------------------------------------------------------ batched outer loop
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean over tasks of the per-task mean query cross-entropy (as the base's loop)."""
         logits = self.episode_logits(batch.support_x, batch.support_y, batch.query_x, batch.spec)
-        metrics = self.batch_metrics(logits, batch.query_y)
+        metrics = self.batch_metrics(_at_least_fp32(logits), batch.query_y)
         loss = metrics["loss"].mean()
         return loss, {"loss": loss.detach(), "acc": metrics["acc"].mean().detach()}
 
@@ -114,8 +148,13 @@ class MetricMetaLearner(MetaLearner):
         """Per-task ``loss`` and ``acc`` ``[T]`` of a batch of evaluation tasks, in one call."""
         with torch.no_grad():
             logits = self.episode_logits(batch.support_x, batch.support_y, batch.query_x, batch.spec)
-            return self.batch_metrics(logits, batch.query_y)
+            return self.batch_metrics(_at_least_fp32(logits), batch.query_y)
 
     def evaluate_task(self, task: Task) -> dict[str, Tensor]:
         with torch.no_grad():
             return super().evaluate_task(task)
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` in float32, or unchanged if it is float64 already."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
