@@ -70,6 +70,7 @@ class IMAML(GradientMetaLearner):
 
     Config = IMAMLConfig
     config: IMAMLConfig
+    differentiates_inner_loop = False  # the meta-gradient is implicit: no graph through the inner loop
 
     def inner_update(self, params: Params, grads: Params, step: int) -> Params:
         """Gradient step on ``L_s + (lam/2)||phi - theta||^2`` (plain ``L_s`` at eval if not ``eval_proximal``)."""

@@ -55,6 +55,7 @@ class Reptile(GradientMetaLearner):
 
     Config = ReptileConfig
     config: ReptileConfig
+    differentiates_inner_loop = False  # the outer step is a surrogate on the detached task weights
 
     # ------------------------------------------------------------------ inner optimizer
     def inner_update(self, params: Params, grads: Params, step: int) -> Params:

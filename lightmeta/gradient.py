@@ -6,11 +6,18 @@ fast weights without touching the module. Hooks for subclasses:
 ``inner_update`` (Meta-SGD's learned rates, MAML++'s per-step rates), ``use_first_order``
 (MAML++'s derivative-order annealing), and the ``step`` argument of ``forward_with`` (the number
 of inner updates already applied to ``params``; MAML++ picks per-step BatchNorm state with it).
+
+One inner step is :meth:`GradientMetaLearner.inner_step` (``torch.autograd.grad``), or its
+``torch.func.grad`` twin :meth:`GradientMetaLearner.functional_step` where it runs under
+``vmap`` (lightmeta/batched.py) or ``torch.compile`` (``compile: true``); with
+``checkpoint_inner_steps`` second-order steps are recomputed in the backward pass
+(lightmeta/inner_checkpoint.py). Those paths call ``inner_update`` again or trace it, so any
+state it keeps must be rebuilt from its arguments (Reptile's inner Adam restarts at step 0).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Literal
+from typing import Any, Callable, ClassVar, Iterator, Literal
 
 import torch
 from pydantic import Field
@@ -19,9 +26,13 @@ from torch.func import functional_call
 from lightning.pytorch.utilities import rank_zero_info
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightmeta.acceleration import compiled
 from lightmeta.batched import batched_task_metrics, batched_unsupported_reason, has_batch_norm
 from lightmeta.episodes import EpisodeSpec, Task, TaskBatch
+from lightmeta.errors import ConfigError
+from lightmeta.inner_checkpoint import checkpointed_step
 from lightmeta.meta_learner import AlgorithmConfig, MetaLearner
+from lightmeta.task_info import TaskInfo
 
 Params = dict[str, Tensor]
 
@@ -48,6 +59,13 @@ class GradientConfig(AlgorithmConfig):
         description="transductive: batch statistics of the current support/query set, in training "
         "and evaluation (the MAML reference); inductive: running statistics at evaluation",
     )
+    checkpoint_inner_steps: bool = Field(
+        default=False,
+        description="second order: keep only each inner step's fast weights and recompute the step's graph "
+        "in the backward pass (lightmeta/inner_checkpoint.py), so memory grows by one copy of the adapted "
+        "parameters per inner step instead of one support-set graph; the same meta-gradient, at the cost "
+        "of one more support forward and backward per step",
+    )
 
 
 class GradientMetaLearner(MetaLearner):
@@ -61,6 +79,30 @@ class GradientMetaLearner(MetaLearner):
     Config = GradientConfig
     config: GradientConfig
     needs_grad_at_eval = True
+    #: Whether meta-training differentiates through the inner loop (so a graph is kept through
+    #: it and ``checkpoint_inner_steps`` can save memory). Reptile and iMAML run it without one.
+    differentiates_inner_loop: ClassVar[bool] = True
+
+    def __init__(self, algorithm: dict[str, Any] | AlgorithmConfig | None = None, *, model: dict[str, Any],
+                 task: dict[str, Any] | TaskInfo) -> None:
+        super().__init__(algorithm, model=model, task=task)
+        c, name = self.config, getattr(type(self), "registered_name", type(self).__qualname__)
+        if c.checkpoint_inner_steps and not self.differentiates_inner_loop:
+            raise ConfigError(f"algorithm.checkpoint_inner_steps is not supported by '{name}': its inner loop keeps "
+                              "no graph, so its memory does not grow with inner_steps; set it to false")
+        if c.checkpoint_inner_steps and c.compile:
+            raise ConfigError("algorithm.checkpoint_inner_steps cannot be combined with algorithm.compile: a "
+                              "checkpointed step recomputes its second-order graph with torch.autograd.grad, which "
+                              "through compiled code would need double backward; turn one of them off")
+        if c.compile and c.batch_norm == "inductive" and any(
+                isinstance(m, _BatchNorm) and m.track_running_stats for m in self.model.modules()):
+            raise ConfigError(f"algorithm.compile with batch_norm=inductive is not supported by '{name}': the compiled "
+                              "inner step (torch.func.grad) cannot update BatchNorm running statistics; set "
+                              "algorithm.batch_norm=transductive or algorithm.compile=false")
+
+    def compile_hot_path(self) -> None:
+        """Nothing to do at construction: the inner step is compiled on first use (``inner_step``,
+        ``batched_task_metrics``), after subclasses have added their state (learned rates)."""
 
     # ------------------------------------------------------------------ hooks
     def inner_param_names(self) -> list[str]:
@@ -113,6 +155,54 @@ class GradientMetaLearner(MetaLearner):
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_with({}, x)
 
+    @contextmanager
+    def frozen_running_stats(self) -> Iterator[None]:
+        """BatchNorm normalises as before but leaves its running statistics alone for a while:
+        a checkpointed inner step is recomputed in the backward pass, and must not update them twice.
+        (In training mode the output uses batch statistics either way; in evaluation mode the
+        running statistics are used whatever ``track_running_stats`` says.) Re-entrant."""
+        norms = [m for m in self.model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+        for m in norms:
+            m.track_running_stats = False
+        try:
+            yield
+        finally:
+            for m in norms:
+                m.track_running_stats = True
+
+    # ------------------------------------------------------------------ one inner step
+    def inner_step(self, params: Params, x: Tensor, y: Tensor, step: int, create_graph: bool) -> Params:
+        """One inner update of ``params`` on ``(x, y)``: the support-loss gradient (differentiable
+        if ``create_graph``), then ``inner_update``."""
+        with torch.enable_grad():
+            loss = self.loss_fn(self.forward_with(params, x, step), y)
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+        return self.inner_update(params, dict(zip(params, grads)), step)
+
+    def functional_step(self, params: Params, x: Tensor, y: Tensor, step: int, first_order: bool) -> Params:
+        """:meth:`inner_step` written with ``torch.func.grad``: the form that runs under ``vmap``
+        (the batched path) and under ``torch.compile`` (``compile: true``), where second-order
+        meta-gradients are ordinary first derivatives of the traced step."""
+        def support_loss(p: Params) -> Tensor:
+            return self.loss_fn(self.forward_with(p, x, step), y)
+
+        grads = torch.func.grad(support_loss)(params)
+        if first_order:
+            grads = {k: g.detach() for k, g in grads.items()}
+        return self.inner_update(params, grads, step)
+
+    def _take_step(self, params: Params, x: Tensor, y: Tensor, step: int, differentiable: bool,
+                   create_graph: bool) -> Params:
+        """One step of :meth:`inner_loop`, plain, checkpointed or compiled as configured."""
+        if create_graph and self.config.checkpoint_inner_steps:
+            return checkpointed_step(lambda p, graph: self.inner_step(p, x, y, step, graph), params,
+                                     [p for p in self.parameters() if p.requires_grad], self.frozen_running_stats)
+        if self.config.compile:
+            step_fn = compiled(self, self.functional_step, self.config.compile_backend)
+            with torch.enable_grad():
+                return step_fn(params, x, y, step, differentiable and not create_graph)
+        return self.inner_step(params, x, y, step, create_graph)
+
     # ------------------------------------------------------------------ inner loop
     def inner_loop(
         self,
@@ -136,10 +226,7 @@ class GradientMetaLearner(MetaLearner):
         if on_step is not None:
             on_step(0, params)
         for step in range(steps):
-            with torch.enable_grad():
-                loss = self.loss_fn(self.forward_with(params, support_x, step), support_y)
-                grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
-            params = self.inner_update(params, dict(zip(params, grads)), step)
+            params = self._take_step(params, support_x, support_y, step, differentiable, create_graph)
             if not differentiable:
                 params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
             if on_step is not None:

@@ -17,7 +17,9 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightmeta.acceleration import check_compile_backend, use_channels_last
 from lightmeta.episodes import EpisodeSpec, Task, TaskBatch
+from lightmeta.errors import ConfigError
 from lightmeta.faults import NonFiniteLossError, nonfinite_message
 from lightmeta.metrics import MeanCI
 from lightmeta.models import build_model
@@ -37,6 +39,16 @@ class AlgorithmConfig(PluginConfig):
     lr_schedule: Literal["constant", "cosine"] = Field(
         default="constant", description="cosine anneals over trainer.max_steps"
     )
+    # speed-ups that leave results unchanged (parity-tested; lightmeta/acceleration.py)
+    compile: bool = Field(
+        default=False, description="torch.compile the hot path: the backbone of metric learners, the inner "
+        "step (support gradient + update, batched or per task) of gradient learners")
+    compile_backend: str = Field(
+        default="inductor", description="torch.compile backend: inductor (needs a C++ compiler on CPU), "
+        "aot_eager or eager (no code generation; for checking and debugging)")
+    channels_last: bool = Field(
+        default=False, description="backbone weights and 4-D image inputs in torch.channels_last memory "
+        "format (faster convolutions on tensor-core GPUs); needs image inputs (C, H, W)")
 
 
 class MetaLearner(L.LightningModule, ABC):
@@ -76,6 +88,7 @@ class MetaLearner(L.LightningModule, ABC):
         self.task_info = task if isinstance(task, TaskInfo) else TaskInfo.model_validate(task)
         out = self.task_info.head_features if self.uses_head else None
         self.model: nn.Module = build_model(model, self.task_info.in_shape, out)
+        self._apply_acceleration()
         self.save_hyperparameters(
             {
                 # with its registered name, so the logged hparams match the run config's section
@@ -92,6 +105,25 @@ class MetaLearner(L.LightningModule, ABC):
         self.last_results: dict[str, dict[str, float]] = {}
         #: detached metrics of the latest training step (``meta_loss``'s logs), for callbacks
         self.last_train_metrics: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ speed-ups
+    def _apply_acceleration(self) -> None:
+        """Apply ``channels_last`` and ``compile`` (refusing impossible settings in one line)."""
+        c = self.config
+        if c.channels_last:
+            if len(self.task_info.in_shape) != 3:
+                raise ConfigError(f"algorithm.channels_last needs image inputs (C, H, W), but the data's inputs "
+                                  f"are {tuple(self.task_info.in_shape)}; set algorithm.channels_last=false")
+            use_channels_last(self.model)
+        if c.compile:
+            check_compile_backend(c.compile_backend)
+            self.compile_hot_path()
+
+    def compile_hot_path(self) -> None:
+        """What ``compile: true`` compiles; default: the backbone, in place (``nn.Module.compile``,
+        so parameter names and checkpoints are unchanged). Gradient learners compile their
+        inner step instead (a compiled backbone would need double backward, which it lacks)."""
+        self.model.compile(backend=self.config.compile_backend)
 
     # ------------------------------------------------------------------ the contract
     @abstractmethod
