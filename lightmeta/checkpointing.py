@@ -115,6 +115,37 @@ def _culprit(message: str) -> str:
     return "unsupported pickle content"
 
 
+class LastCheckpoint(Callback):
+    """Rewrite ``last.ckpt`` after every validation and every ``every_n_train_steps`` steps.
+
+    Lightning's own ``save_last`` only rewrites it when a top-k checkpoint was saved, so after a
+    crash ``--ckpt last`` would resume from the last *improving* step instead of the latest.
+    """
+
+    def __init__(self, dirpath: Path, every_n_train_steps: int | None = None) -> None:
+        self.dirpath = Path(dirpath)
+        self.every_n_train_steps = every_n_train_steps
+        self._saved_step = -1
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if trainer.sanity_checking or trainer.global_step == self._saved_step or trainer.global_step == 0:
+            return
+        trainer.save_checkpoint(self.dirpath / LAST)
+        self._saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        n = self.every_n_train_steps
+        if n and trainer.global_step % n == 0:
+            self._save(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            self._save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
+
+
 class GracefulStop(Callback):
     """SIGTERM or a first Ctrl-C: finish the current meta-step, write ``last.ckpt``, stop.
 
@@ -165,7 +196,7 @@ def resolve_checkpoint(ckpt: str, output_dir: str, experiment: str) -> str:
     if ckpt != "last":
         return ckpt
     root = Path(output_dir) / experiment
-    candidates = sorted(root.glob(f"version_*/checkpoints/{LAST}"), key=lambda p: p.stat().st_mtime)
+    candidates = sorted(root.glob(f"*/checkpoints/{LAST}"), key=lambda p: p.stat().st_mtime)  # version_N, job_<id>
     if not candidates:
         raise LightmetaError(f"--ckpt last: no {LAST} under {root}; pass --ckpt PATH or check output_dir/experiment")
     return str(candidates[-1])

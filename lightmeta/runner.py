@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lightmeta.checkpointing import GracefulStop, SafeCheckpointIO, resolve_checkpoint, safe_load
+from lightmeta.checkpointing import GracefulStop, LastCheckpoint, SafeCheckpointIO, resolve_checkpoint, safe_load
 from lightmeta.config import RunConfig, config_to_yaml
 from lightmeta.dashboard import dashboard_callbacks
 from lightmeta.datamodule import EpisodicDataModule
@@ -36,6 +36,7 @@ class Run:
     trainer: L.Trainer
     run_dir: Path
     wandb_sync_dir: Path | None = None
+    published_run_dir: bool = False  # this process set RUN_DIR_ENV for its DDP processes
 
     @property
     def stopped_at(self) -> Path | None:
@@ -46,7 +47,10 @@ class Run:
         return None
 
     def finish(self) -> None:
-        """Close loggers that hold a process or file open (W&B), remembering where offline runs are."""
+        """Close loggers that hold a process or file open (W&B), remembering where offline runs are;
+        unpublish the run directory so a later run in this process gets its own."""
+        if self.published_run_dir:
+            os.environ.pop(RUN_DIR_ENV, None)
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger) and logger._experiment is not None:
                 experiment = logger.experiment
@@ -189,11 +193,12 @@ def build_trainer(cfg: RunConfig, learner: MetaLearner, run_dir: Path, loggers: 
                 monitor=metric,
                 mode=mode,
                 save_top_k=cfg.checkpoint.save_top_k,
-                save_last=cfg.checkpoint.save_last,
                 every_n_train_steps=cfg.checkpoint.every_n_train_steps,
                 auto_insert_metric_name=False,
             )
         )
+        if cfg.checkpoint.save_last:
+            callbacks.append(LastCheckpoint(run_dir / "checkpoints", cfg.checkpoint.every_n_train_steps))
     callbacks.append(GracefulStop(run_dir / "checkpoints"))  # SIGTERM / Ctrl-C -> resumable last.ckpt
     callbacks.extend(dashboard_callbacks(cfg, run_dir))  # W&B media, PNG figures, overfitting monitor
     return L.Trainer(
@@ -233,9 +238,10 @@ def build_run(cfg: RunConfig, learner: MetaLearner | None = None) -> Run:
     if not child:
         (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
     trainer = build_trainer(cfg, learner, run_dir, build_loggers(cfg, run_dir))
-    if trainer.world_size > 1 and not child:
+    published = trainer.world_size > 1 and not child
+    if published:
         os.environ[RUN_DIR_ENV] = str(run_dir)  # the DDP processes Lightning launches write here too
-    return Run(cfg, datamodule, learner, trainer, run_dir)
+    return Run(cfg, datamodule, learner, trainer, run_dir, published_run_dir=published)
 
 
 def _test_results(run: Run, n_tasks: int) -> Results:

@@ -17,7 +17,7 @@ SHORT = ["trainer.max_steps=2", "data.train_batches_per_epoch=2", "data.val_task
 def maml_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ckpt")
     run, _ = fit(load_config(None, [*SHORT, f"output_dir={out}"]), test=False)
-    return Path(run.trainer.checkpoint_callback.last_model_path)
+    return run.run_dir / "checkpoints" / "last.ckpt"
 
 
 @pytest.mark.parametrize(("command", "overrides", "expected"), [

@@ -57,6 +57,38 @@ def test_interrupted_and_resumed_run_is_bit_identical(setup: str, stop: int, tmp
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+class _CrashAt(L.Callback):
+    """Raises after ``step`` meta-steps, as a node failure would (no checkpoint written then)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_after_a_crash_last_ckpt_is_the_latest_validation_not_the_latest_improvement(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning's own save_last only follows top-k saves; ours follows every validation, so a
+    crash at step 11 resumes from step 10 (here no top-k checkpoint is kept at all)."""
+    cfg = load_config(None, [*COMMON, "checkpoint.save_top_k=0", f"output_dir={tmp_path}"])
+    straight, _ = fit(cfg, test=False)
+
+    build = runner.build_trainer
+    monkeypatch.setattr(runner, "build_trainer", lambda *a: _with(build(*a), _CrashAt(11)))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(cfg, test=False)
+    monkeypatch.setattr(runner, "build_trainer", build)
+    last = sorted(tmp_path.glob("*/version_1/checkpoints/last.ckpt"))
+    assert len(last) == 1 and safe_load(last[0])["global_step"] == 10
+
+    resumed, _ = fit(cfg, ckpt_path="last", test=False)
+    assert resumed.trainer.global_step == 12
+    a, b = straight.learner.state_dict(), resumed.learner.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _with(trainer: L.Trainer, callback: L.Callback) -> L.Trainer:
     trainer.callbacks.append(callback)
     return trainer
