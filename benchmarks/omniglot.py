@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
-import time
 from pathlib import Path
 
 import torch
@@ -26,21 +24,7 @@ from lightmeta import ALGORITHMS, EpisodeSpec
 from lightmeta.classification import ClassificationTasks
 from lightmeta.datamodules.omniglot import OmniglotDataModule
 
-
-def timed(fn, repeats: int, warmup: int = 1, device: str = "cpu") -> float:
-    """Median seconds per call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+from _common import batch_to, hardware as describe_hardware, timed
 
 
 def sampling(data, l2l, ways: int, shots: int, queries: int, episodes: int) -> dict:
@@ -78,8 +62,7 @@ def maml_step(data, l2l, device: str, meta_batch: int, repeats: int) -> dict:
     spec = EpisodeSpec(5, 1, 15)
     sampler = ClassificationTasks(data, spec, spec, rotations="train")
     batch = sampler.sample("train", list(range(meta_batch)), seed=0)
-    batch = type(batch)(batch.support_x.to(device), batch.support_y.to(device), batch.query_x.to(device),
-                        batch.query_y.to(device), spec, batch.task_ids)
+    batch = batch_to(batch, device)
     task = {"problem": "classification", "in_shape": list(batch.support_x.shape[2:]), "train_ways": 5, "eval_ways": 5}
     learner = ALGORITHMS.get("maml")({"inner_lr": 0.4, "inner_steps": 1}, model={"name": "conv4"}, task=task).to(device)
     learner.train()
@@ -139,7 +122,7 @@ def main() -> None:
     data = OmniglotDataModule(params).load_classes()
     rows = [sampling(data, l2l, 5, 1, 15, args.episodes), sampling(data, l2l, 20, 5, 15, args.episodes)]
     step = maml_step(data, l2l, args.device, args.meta_batch, args.repeats)
-    hardware = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    hardware = describe_hardware(args.device)
     print(f"\nOmniglot benchmark on {hardware} (torch {torch.__version__})\n")
     print("| sampling | ours (episodes/s, meta-batch 32 per call) | ours (1 task per call) | learn2learn TaskDataset | speedup |")
     print("|---|---|---|---|---|")

@@ -50,16 +50,12 @@ import torch
 from lightmeta.classification import ClassificationTasks, ClassImages, EpisodeTransfer
 from lightmeta.episodes import EpisodeSpec
 
+from _common import fixture
+
 RESULTS = Path(__file__).resolve().parent / "results" / "sampling_84.json"
 TARGET = 10.0  # the acceptance target: lightmeta >= 10x learn2learn's episodes/s
 PEER = "learn2learn TaskDataset, float32 images"
 PEER_UINT8 = "learn2learn TaskDataset, uint8 images (conversion left to the caller)"
-
-
-def fixture(classes: int, per_class: int, size: int, seed: int = 0) -> torch.Tensor:
-    """``uint8 [classes * per_class, 3, size, size]`` random images, class after class."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (classes * per_class, 3, size, size), dtype=torch.uint8, generator=g)
 
 
 def interleaved(draws: dict[str, Callable[[int], int]], seconds: float, rounds: int, warmup: int = 3) -> dict[str, tuple[float, int]]:
