@@ -6,8 +6,10 @@ Real-data and peer tests use :func:`require_data` / :func:`require_peer`: they s
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import os
+import weakref
 from pathlib import Path
 from types import ModuleType
 
@@ -15,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightmeta import Backbone, PluginConfig
+from lightmeta import Backbone, MetaLearner, PluginConfig, TaskBatch
 
 
 def _required(var: str) -> bool:
@@ -65,3 +67,26 @@ class TinyConvBN(Backbone):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+def graph_bytes(learner: MetaLearner, batch: TaskBatch) -> int:
+    """Bytes of the distinct storages that the autograd graph of one meta-loss keeps for backward.
+
+    Every tensor saved for backward passes the hook; those still alive once ``meta_loss`` has
+    returned (held by the graph of the loss) are what the backward pass needs kept, while the
+    graphs built and freed inside it (the checkpointed steps' forward, the tasks back-propagated
+    by ``task_backward``) are gone.
+    """
+    saved: list[weakref.ref[torch.Tensor]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(weakref.ref(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = learner.meta_loss(batch)
+    gc.collect()
+    alive = [t for t in (r() for r in saved) if t is not None]
+    total = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}.values())
+    del loss
+    return total

@@ -4,8 +4,6 @@ inner steps by little more than a copy of the fast weights per step."""
 from __future__ import annotations
 
 import copy
-import gc
-import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -13,6 +11,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from helpers import graph_bytes
 from lightmeta import (
     ALGORITHMS,
     Backbone,
@@ -148,28 +147,6 @@ def test_dropout_masks_are_replayed_in_the_recomputation() -> None:
     assert any(not torch.allclose(o, p) for o, p in zip(other, gp))
 
 
-def _graph_bytes(learner: GradientMetaLearner, batch: TaskBatch) -> int:
-    """Bytes of the distinct storages that the autograd graph of one meta-loss keeps for backward.
-
-    Every tensor saved for backward passes the hook; those still alive once ``meta_loss`` has
-    returned (held by the graph of the loss) are what the backward pass needs kept, while the
-    graphs built and freed inside a step (the checkpointed steps' forward) are gone.
-    """
-    saved: list[weakref.ref[Tensor]] = []
-
-    def pack(t: Tensor) -> Tensor:
-        saved.append(weakref.ref(t))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, _ = learner.meta_loss(batch)
-    gc.collect()
-    alive = [t for t in (r() for r in saved) if t is not None]
-    total = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}.values())
-    del loss
-    return total
-
-
 @pytest.mark.parametrize("batched", ["off", "on"])
 def test_memory_grows_far_slower_than_linearly_with_inner_steps(batched: str) -> None:
     """Second-order MAML, 1 vs 8 inner steps: the graph's growth with checkpointing (per-task loop
@@ -184,7 +161,7 @@ def test_memory_grows_far_slower_than_linearly_with_inner_steps(batched: str) ->
             torch.manual_seed(0)
             learner = ALGORITHMS.get("maml")({"inner_steps": steps, **params}, model={"name": "conv4", "filters": 8}, task=TASK)
             learner.train()
-            sizes.append(_graph_bytes(learner, batch))
+            sizes.append(graph_bytes(learner, batch))
         return sizes[1] - sizes[0]
 
     plain = growth(batched_tasks="off")
