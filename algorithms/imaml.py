@@ -12,7 +12,9 @@ meta-gradient of the query loss is ``v = (I + H / lam)^-1 g``, ``g = grad L_q(ph
 solved with ``cg_steps`` of conjugate gradient using Hessian-vector products (double backward
 through one support pass); ``cg_damping`` adds ``cg_damping * I`` to the system for stability.
 ``meta_loss`` returns the surrogate ``mean_tasks(sum(theta * stopgrad(v)))``, whose gradient is
-the implicit meta-gradient, so Lightning's optimizer step applies it unchanged.
+the implicit meta-gradient, so Lightning's optimizer step applies it unchanged; with
+``task_backward`` each task's surrogate is back-propagated as soon as it is computed
+(``task_terms``), so the per-task implicit gradients are summed instead of kept.
 ``first_order: true`` skips the solve (``v = g``, the paper's first-order approximation).
 """
 from __future__ import annotations
@@ -99,7 +101,7 @@ class IMAML(GradientMetaLearner):
         named = dict(self.model.named_parameters())
         inner = set(self.inner_param_names())
         outer_only = any(p.requires_grad and n not in inner for n, p in named.items())
-        surrogates: list[Tensor] = []
+        surrogates = self.task_terms(len(batch))  # task_backward: each task's surrogate back-propagated at once
         metrics: dict[str, list[Tensor]] = {}
         for task in batch.tasks():
             with torch.no_grad():  # no graph through the inner loop: memory independent of inner_steps
@@ -112,6 +114,6 @@ class IMAML(GradientMetaLearner):
             surrogate = sum((named[n] * vi).sum() for n, vi in zip(phi, v))
             if outer_only:  # parameters the inner loop does not adapt get the plain query gradient
                 surrogate = surrogate + query["loss"]
-            surrogates.append(surrogate)
-        loss = torch.stack(surrogates).mean()
+            surrogates.add(surrogate)
+        loss = surrogates.mean()
         return loss, {k: torch.stack(v).mean() for k, v in metrics.items()}

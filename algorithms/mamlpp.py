@@ -139,7 +139,7 @@ class MAMLPlusPlus(GradientMetaLearner):
         """Mean over tasks of the MSL-weighted query losses; logs the final step's metrics."""
         steps = self.config.inner_steps
         weights = self.msl_weights().tolist()
-        objectives: list[Tensor] = []
+        objectives = self.task_terms(len(batch))
         finals: dict[str, list[Tensor]] = {}
         for task in batch.tasks():
             terms: list[Tensor] = []
@@ -154,8 +154,8 @@ class MAMLPlusPlus(GradientMetaLearner):
                         finals.setdefault(name, []).append(v.detach())
 
             self.inner_loop(task.support_x, task.support_y, steps, on_step=on_step)
-            objectives.append(torch.stack(terms).sum())
-        loss = torch.stack(objectives).mean()
+            objectives.add(torch.stack(terms).sum())
+        loss = objectives.mean()
         logs = {k: torch.stack(v).mean() for k, v in finals.items()}
         if weights[-1] < 1.0:
             logs["msl_loss"] = loss.detach()

@@ -8,7 +8,8 @@ for images) from the meta-parameters ``theta`` to task weights ``phi``; then
 That outer step is not the gradient of a query loss, so ``meta_loss`` returns the surrogate
 ``mean_tasks(0.5 * ||theta - stopgrad(phi)||^2)``, whose gradient is exactly
 ``mean_tasks(theta - phi)``: the outer optimizer, gradient clipping, Lightning and DDP (which
-averages it across ranks like any gradient) then work unchanged. The paper's outer step size
+averages it across ranks like any gradient) then work unchanged; with ``task_backward`` each
+task's term is back-propagated as soon as it is computed (``task_terms``). The paper's outer step size
 ``epsilon`` is the outer ``lr`` with ``optimizer: sgd`` and ``momentum: 0`` (the defaults
 here); with Adam the Reptile direction is fed to Adam, as the paper also suggests. The paper
 anneals epsilon linearly to 0; ``lr_schedule: cosine`` is the closest built-in schedule.
@@ -84,7 +85,7 @@ class Reptile(GradientMetaLearner):
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Surrogate whose gradient is ``mean_tasks(theta - phi)``; logs the query metrics at ``phi``."""
         named = dict(self.model.named_parameters())
-        surrogate: Tensor | int = 0
+        terms = self.task_terms(len(batch))
         metrics: dict[str, list[Tensor]] = {}
         for task in batch.tasks():
             x, y = self._inner_data(task.support_x, task.support_y, task.query_x, task.query_y)
@@ -92,6 +93,5 @@ class Reptile(GradientMetaLearner):
                 phi = self.inner_loop(x, y, self.config.inner_steps)
                 for k, v in self.task_metrics(self.forward_with(phi, task.query_x, self.config.inner_steps), task.query_y).items():
                     metrics.setdefault(k, []).append(v)
-            surrogate = surrogate + sum(0.5 * (named[n] - p.detach()).pow(2).sum() for n, p in phi.items())
-        loss = surrogate / len(batch)
-        return loss, {k: torch.stack(v).mean() for k, v in metrics.items()}  # type: ignore[return-value]
+            terms.add(sum(0.5 * (named[n] - p.detach()).pow(2).sum() for n, p in phi.items()))
+        return terms.mean(), {k: torch.stack(v).mean() for k, v in metrics.items()}  # type: ignore[return-value]

@@ -42,7 +42,7 @@ def has_batch_norm(module: nn.Module) -> bool:
 
 
 #: Methods the vmapped path replaces; a subclass overriding one of them keeps the loop.
-_SEQUENTIAL_ONLY = ("meta_loss", "inner_loop", "inner_step", "adapt", "predict", "evaluate_task")
+_SEQUENTIAL_ONLY = ("meta_loss", "task_terms", "inner_loop", "inner_step", "adapt", "predict", "evaluate_task")
 
 
 def batched_unsupported_reason(learner: "GradientMetaLearner") -> str | None:
@@ -53,6 +53,8 @@ def batched_unsupported_reason(learner: "GradientMetaLearner") -> str | None:
                   if getattr(type(learner), name) is not getattr(GradientMetaLearner, name)]
     if overridden:
         return f"{type(learner).__name__} overrides {', '.join(overridden)}, which the batched path does not call"
+    if learner.config.task_backward:
+        return "task_backward=true back-propagates each task's query loss on its own, in the per-task loop"
     if has_batch_norm(learner.model) and learner.config.batch_norm != "transductive":
         return ("the model has inductive BatchNorm (running statistics updated per task), which a "
                 "batched computation cannot reproduce")

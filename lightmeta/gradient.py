@@ -13,6 +13,8 @@ One inner step is :meth:`GradientMetaLearner.inner_step` (``torch.autograd.grad`
 ``checkpoint_inner_steps`` second-order steps are recomputed in the backward pass
 (lightmeta/inner_checkpoint.py). Those paths call ``inner_update`` again or trace it, so any
 state it keeps must be rebuilt from its arguments (Reptile's inner Adam restarts at step 0).
+With ``task_backward`` each task's term of the meta-loss is back-propagated as soon as it is
+computed (:meth:`GradientMetaLearner.task_terms`, lightmeta/task_backward.py).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from lightmeta.episodes import EpisodeSpec, Task, TaskBatch
 from lightmeta.errors import ConfigError
 from lightmeta.inner_checkpoint import checkpointed_step
 from lightmeta.meta_learner import AlgorithmConfig, MetaLearner
+from lightmeta.task_backward import TaskTerms
 from lightmeta.task_info import TaskInfo
 
 Params = dict[str, Tensor]
@@ -65,6 +68,11 @@ class GradientConfig(AlgorithmConfig):
         "in the backward pass (lightmeta/inner_checkpoint.py), so memory grows by one copy of the adapted "
         "parameters per inner step instead of one support-set graph; the same meta-gradient, at the cost "
         "of one more support forward and backward per step",
+    )
+    task_backward: bool = Field(
+        default=False,
+        description="back-propagate each task's query loss as soon as it is computed, so only one task's graph "
+        "is alive at a time (memory independent of the meta-batch size); same meta-gradient",
     )
 
 
@@ -277,6 +285,13 @@ class GradientMetaLearner(MetaLearner):
         return super().meta_loss(batch)
 
     _said_sequential = False
+
+    def task_terms(self, tasks: int) -> TaskTerms:
+        """With ``task_backward`` (and gradients on), each task's term of the meta-loss is
+        back-propagated as soon as it is computed and its graph freed (lightmeta/task_backward.py)."""
+        if self.config.task_backward and torch.is_grad_enabled():
+            return TaskTerms(tasks, [p for p in self.parameters() if p.requires_grad])
+        return super().task_terms(tasks)
 
     # ------------------------------------------------------------------ evaluation with curves
     def eval_metric_names(self) -> list[str]:

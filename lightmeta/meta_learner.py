@@ -24,6 +24,7 @@ from lightmeta.faults import NonFiniteLossError, nonfinite_message
 from lightmeta.metrics import MeanCI
 from lightmeta.models import build_model
 from lightmeta.plugin import PluginConfig
+from lightmeta.task_backward import TaskTerms
 from lightmeta.task_info import TaskInfo
 
 Split = Literal["val", "test"]
@@ -168,18 +169,24 @@ class MetaLearner(L.LightningModule, ABC):
         Override for a batched implementation or an outer step that is not a query-loss
         gradient (e.g. Reptile's surrogate).
         """
-        losses, accs = [], []
+        losses, accs = self.task_terms(len(batch)), []
         for task in batch.tasks():
             state = self.adapt(task.support_x, task.support_y, task.spec)
             metrics = self.task_metrics(self.predict(state, task.query_x), task.query_y)
-            losses.append(metrics["loss"])
+            losses.add(metrics["loss"])
             if "acc" in metrics:
                 accs.append(metrics["acc"])
-        loss = torch.stack(losses).mean()
+        loss = losses.mean()
         logs = {"loss": loss.detach()}
         if accs:
             logs["acc"] = torch.stack(accs).mean().detach()
         return loss, logs
+
+    def task_terms(self, tasks: int) -> TaskTerms:
+        """How ``meta_loss`` collects the per-task terms of the meta-loss (of ``tasks`` tasks):
+        kept for one backward pass; gradient learners may back-propagate them one by one
+        (``task_backward``, :mod:`lightmeta.task_backward`)."""
+        return TaskTerms(tasks)
 
     def evaluate_task(self, task: Task) -> dict[str, Tensor]:
         """Adapt to one task and score its query set; no outer graph is kept."""
