@@ -19,8 +19,10 @@ Cases (``--cases`` picks some): MAML second and first order, ANIL and Meta-SGD o
 Omniglot Conv4 (64 filters, stride-2 convolutions, spatial mean, Glorot init) with real Omniglot
 5-way 1-shot 15-query episodes, meta-batch 32, 1 inner step; MAML second order on Conv4-32,
 84x84x3 5w1s15q (random uint8 pixels: the arithmetic does not depend on them), meta-batch 4,
-5 inner steps, also with ``checkpoint_inner_steps``; ProtoNet on Conv4-64 with 32 Omniglot
-5w1s15q episodes per meta-batch.
+5 inner steps, also with ``checkpoint_inner_steps``, ``task_backward`` (each task's query loss
+back-propagated as soon as it is computed, learn2learn's recipe inside ``meta_loss``; the
+batched contender then runs the per-task loop too) and both; ProtoNet on Conv4-64 with 32
+Omniglot 5w1s15q episodes per meta-batch.
 
 Reported per contender: tasks (episodes) per second = meta-batch size / median seconds per
 meta-step; the peak memory one meta-step adds to what was allocated before it (CUDA: the
@@ -105,6 +107,13 @@ CASES: tuple[Case, ...] = (
          OMNIGLOT_5W1S, 4),
     Case("maml2-84-ckpt", "MAML 2nd order, Conv4-32, 84x84 5w1s, mb 4, 5 steps, checkpoint_inner_steps", "maml",
          {"inner_lr": 0.01, "inner_steps": 5, "first_order": False, "checkpoint_inner_steps": True},
+         {"name": "conv4_32"}, "synthetic84", OMNIGLOT_5W1S, 4),
+    Case("maml2-84-taskbw", "MAML 2nd order, Conv4-32, 84x84 5w1s, mb 4, 5 steps, task_backward", "maml",
+         {"inner_lr": 0.01, "inner_steps": 5, "first_order": False, "task_backward": True},
+         {"name": "conv4_32"}, "synthetic84", OMNIGLOT_5W1S, 4),
+    Case("maml2-84-ckpt-taskbw", "MAML 2nd order, Conv4-32, 84x84 5w1s, mb 4, 5 steps, checkpoint_inner_steps + "
+         "task_backward", "maml", {"inner_lr": 0.01, "inner_steps": 5, "first_order": False,
+                                   "checkpoint_inner_steps": True, "task_backward": True},
          {"name": "conv4_32"}, "synthetic84", OMNIGLOT_5W1S, 4),
     Case("anil-omniglot", "ANIL 2nd order, Conv4, Omniglot 5w1s, mb 32, 1 step", "anil",
          {"inner_lr": 0.4, "inner_steps": 1, "first_order": False}, CONV4_OMNIGLOT, "omniglot", OMNIGLOT_5W1S, 32),
