@@ -1,7 +1,7 @@
 """``task_backward``: each task's meta-loss term back-propagated as soon as it is computed gives the
 plain path's loss value and meta-gradient for every registered gradient-based algorithm, keeps
 autograd memory independent of the meta-batch size, and trains to the plain run's weights
-through Lightning."""
+through Lightning, where the non-finite-loss check still works."""
 from __future__ import annotations
 
 import copy
@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from helpers import TinyConvBN, graph_bytes
-from lightmeta import ALGORITHMS, EpisodeSpec, GradientMetaLearner, TaskBatch, register_model
+from lightmeta import ALGORITHMS, EpisodeSpec, GradientMetaLearner, TaskBatch, register_model, runner
 from lightmeta.cli import cmd_list
 from lightmeta.config import load_config
 from lightmeta.errors import ConfigError
+from lightmeta.faults import NonFiniteLossError
 from lightmeta.registry import MODELS
 from lightmeta.runner import build_datamodule, build_learner, fit
 from lightmeta.task_backward import surrogate_from_gradients
@@ -167,6 +168,33 @@ def test_metric_learners_refuse_the_field() -> None:
     """task_backward belongs to the gradient learners' config; a metric learner rejects it by name."""
     with pytest.raises(ConfigError, match="algorithm.task_backward"):
         load_config(None, ["algorithm=protonet", "data=synthetic", "algorithm.task_backward=true"])
+
+
+class _PoisonTask(L.Callback):
+    """A NaN support target in task #1 of the third training meta-batch."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: TaskBatch, batch_idx: int) -> None:
+        if trainer.global_step == 2:
+            batch.support_y[1, 0] = float("nan")
+
+
+def test_nonfinite_loss_is_still_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MetaLearner.training_step's non-finite check sees the surrogate's value: the run stops at
+    the poisoned meta-step with the usual diagnosis."""
+    build = runner.build_trainer
+
+    def with_poison(*args: object) -> L.Trainer:
+        trainer = build(*args)
+        trainer.callbacks.append(_PoisonTask())
+        return trainer
+
+    monkeypatch.setattr(runner, "build_trainer", with_poison)
+    cfg = load_config(None, ["trainer.max_steps=4", "data.train_batches_per_epoch=4", "data.val_tasks=4",
+                             "data.test_tasks=4", "data.meta_batch_size=4", "trainer.enable_progress_bar=false",
+                             "logger=none", "trainer.num_sanity_val_steps=0", "algorithm.task_backward=true",
+                             f"output_dir={tmp_path}"])
+    with pytest.raises(NonFiniteLossError, match=r"non-finite meta-loss \(nan\) at meta-step 2: .*#1 of the meta-batch"):
+        fit(cfg, test=False)
 
 
 def test_list_shows_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
