@@ -106,7 +106,7 @@ class EvaluationFigures(L.Callback):
             for i in range(min(FIT_TASKS, len(batch))):
                 task = batch.task(i)
                 xs = torch.cat([task.support_x, task.query_x]).flatten()
-                grid = torch.linspace(float(xs.min()), float(xs.max()), FIT_GRID, device=xs.device).unsqueeze(1)
+                grid = torch.linspace(float(xs.min()), float(xs.max()), FIT_GRID, device=xs.device, dtype=xs.dtype).unsqueeze(1)
                 state = pl_module.adapt(task.support_x, task.support_y, task.spec)
                 before = pl_module.predict_unadapted(grid)
                 with torch.no_grad():

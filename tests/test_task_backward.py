@@ -215,7 +215,7 @@ def test_fit_with_task_backward_matches_plain_training(tmp_path: Path) -> None:
         cfg = load_config(None, ["trainer.max_steps=6", "data.train_batches_per_epoch=3", "data.val_tasks=4",
                                  "data.test_tasks=4", "data.meta_batch_size=4", "trainer.enable_progress_bar=false",
                                  "logger=none", "trainer.num_sanity_val_steps=0", "trainer.precision=64-true",
-                                 "trainer.gradient_clip_val=0.5", "algorithm.inner_steps=2", "dashboard.enabled=false",
+                                 "trainer.gradient_clip_val=0.5", "algorithm.inner_steps=2",
                                  f"algorithm.task_backward={flag}", f"output_dir={tmp_path / flag}"])
         run, _ = fit(cfg, test=False)
         assert run.trainer.global_step == 6
