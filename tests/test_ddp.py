@@ -13,6 +13,9 @@ SHORT = ["trainer.max_steps=3", "data.train_batches_per_epoch=3", "data.meta_bat
          "trainer.num_sanity_val_steps=0", "logger=none", "checkpoint.save_top_k=0"]
 CASES = {
     "maml": ["algorithm=maml", "algorithm.first_order=false", "algorithm.inner_steps=2"],
+    # per-task backward: the surrogate's single backward must still all-reduce exactly once
+    "maml_task_backward": ["algorithm=maml", "algorithm.first_order=false", "algorithm.inner_steps=2",
+                           "algorithm.task_backward=true"],
     "metasgd": ["algorithm=metasgd"],
     "reptile": ["algorithm=reptile"],
     # an MLP: BatchNorm statistics would span a rank's share of the meta-batch in a metric learner
