@@ -90,3 +90,22 @@ def graph_bytes(learner: MetaLearner, batch: TaskBatch) -> int:
     total = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}.values())
     del loss
     return total
+
+
+def meta_gradients(learner: nn.Module, loss: torch.Tensor) -> list[torch.Tensor]:
+    """d ``loss`` / d each trainable parameter of ``learner`` (zeros where it is unused)."""
+    params = [p for p in learner.parameters() if p.requires_grad]
+    return [g if g is not None else torch.zeros_like(p)
+            for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True), params)]
+
+
+def assert_same_meta_gradient(ours: list[torch.Tensor], ref: list[torch.Tensor], rtol: float = 1e-6,
+                              floor: float = 1e-6) -> None:
+    """``ours`` equals ``ref`` to ``rtol`` relative per tensor; tensors whose true gradient is ~0
+    (a conv bias before BatchNorm) are held to the same bound relative to ``floor`` times the
+    whole meta-gradient."""
+    whole = torch.cat([g.flatten() for g in ref]).norm()
+    assert whole > 0
+    for o, r in zip(ours, ref):
+        assert (o - r).norm() <= rtol * max(r.norm(), whole * floor), \
+            f"meta-gradient differs by {(o - r).norm() / r.norm():.2e}"

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import assert_same_meta_gradient, meta_gradients
 from torch import Tensor
 from torch._dynamo.utils import counters
 
@@ -61,19 +62,14 @@ def _double(batch: TaskBatch | FlatBatch) -> TaskBatch | FlatBatch:
 def _loss_and_grads(learner: MetaLearner, batch: TaskBatch | FlatBatch) -> tuple[Tensor, list[Tensor]]:
     torch.manual_seed(0)
     loss, _ = learner.meta_loss(batch)
-    params = [p for p in learner.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return loss.detach(), [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+    return loss.detach(), meta_gradients(learner, loss)
 
 
 def _assert_close(a: tuple[Tensor, list[Tensor]], b: tuple[Tensor, list[Tensor]], rtol: float) -> None:
     """Same loss and meta-gradient to ``rtol``, relative per tensor (near-zero tensors: to the whole)."""
     (loss_a, ga), (loss_b, gb) = a, b
     assert torch.allclose(loss_a, loss_b, rtol=rtol, atol=0), f"loss {loss_a.item()} vs {loss_b.item()}"
-    whole = torch.cat([g.flatten() for g in gb]).norm()
-    assert whole > 0
-    for x, y in zip(ga, gb):
-        assert (x - y).norm() <= rtol * max(y.norm(), whole * 1e-3), f"meta-gradient differs by {(x - y).norm() / y.norm():.2e}"
+    assert_same_meta_gradient(ga, gb, rtol=rtol, floor=1e-3)
 
 
 # ---------------------------------------------------------------------- torch.compile

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from helpers import graph_bytes
+from helpers import assert_same_meta_gradient, graph_bytes, meta_gradients
 from lightmeta import (
     ALGORITHMS,
     Backbone,
@@ -79,25 +79,13 @@ def _learner(name: str, model: dict, **params: object) -> GradientMetaLearner:
     return learner
 
 
-def _grads(learner: GradientMetaLearner, loss: Tensor) -> list[Tensor]:
-    params = [p for p in learner.parameters() if p.requires_grad]
-    return [g if g is not None else torch.zeros_like(p)
-            for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True), params)]
-
-
 def _assert_same_meta_gradient(plain: GradientMetaLearner, ckpt: GradientMetaLearner, batch: TaskBatch) -> None:
     """Same loss, logs, meta-gradient (1e-6 relative per tensor) and BatchNorm running statistics."""
     loss_p, logs_p = plain.meta_loss(batch)
     loss_c, logs_c = ckpt.meta_loss(batch)
     assert torch.allclose(loss_c, loss_p, rtol=1e-12, atol=0)
     assert all(torch.allclose(logs_c[k], logs_p[k], rtol=1e-12, atol=0) for k in logs_p)
-    gp, gc = _grads(plain, loss_p), _grads(ckpt, loss_c)
-    whole = torch.cat([g.flatten() for g in gp]).norm()
-    assert whole > 0
-    for c, p in zip(gc, gp):
-        # relative per tensor; tensors whose true gradient is ~0 (a conv bias before BatchNorm)
-        # are held to the same bound relative to the whole meta-gradient
-        assert (c - p).norm() <= 1e-6 * max(p.norm(), whole * 1e-6)
+    assert_same_meta_gradient(meta_gradients(ckpt, loss_c), meta_gradients(plain, loss_p))
     # the backward pass recomputed the steps without updating running statistics a second time
     for (name, a), (_, b) in zip(plain.named_buffers(), ckpt.named_buffers()):
         assert torch.equal(a, b), f"buffer {name} differs after the checkpointed backward"
@@ -135,15 +123,15 @@ def test_dropout_masks_are_replayed_in_the_recomputation() -> None:
     batch = _batch()
     torch.manual_seed(11)
     loss_p, _ = plain.meta_loss(batch)
-    gp = _grads(plain, loss_p)
+    gp = meta_gradients(plain, loss_p)
     torch.manual_seed(11)
     loss_c, _ = ckpt.meta_loss(batch)
-    gc = _grads(ckpt, loss_c)  # recomputes each step; a fresh dropout mask would change the gradient
+    gc = meta_gradients(ckpt, loss_c)  # recomputes each step; a fresh dropout mask would change the gradient
     assert torch.equal(loss_c, loss_p)
     for c, p in zip(gc, gp):
         assert (c - p).norm() <= 1e-6 * p.norm().clamp(min=1e-12)
     torch.manual_seed(12)
-    other = _grads(plain, plain.meta_loss(batch)[0])  # different masks do change it
+    other = meta_gradients(plain, plain.meta_loss(batch)[0])  # different masks do change it
     assert any(not torch.allclose(o, p) for o, p in zip(other, gp))
 
 
@@ -210,5 +198,5 @@ def test_recomputation_replays_bf16_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss_p, loss_c = plain.meta_loss(batch)[0], ckpt.meta_loss(batch)[0]
     assert torch.equal(loss_c, loss_p)
-    gp, gc = (torch.cat([g.flatten() for g in _grads(m, loss)]) for m, loss in ((plain, loss_p), (ckpt, loss_c)))
+    gp, gc = (torch.cat([g.flatten() for g in meta_gradients(m, loss)]) for m, loss in ((plain, loss_p), (ckpt, loss_c)))
     assert (gc - gp).norm() <= 1e-2 * gp.norm(), f"relative difference {(gc - gp).norm() / gp.norm():.2e}"
