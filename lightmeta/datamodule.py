@@ -233,30 +233,31 @@ class EpisodicDataModule(L.LightningDataModule, ABC):
         )
 
     def _flat_train_dataloader(self, batch_size: int) -> DataLoader:
-        rank, world = self._rank_world()
-        if batch_size % world:
-            raise ConfigError(
-                f"algorithm.batch_size={batch_size} is not divisible by the {world} training processes; "
-                "choose a multiple so every rank trains on the same number of examples"
-            )
-        batches = FlatTrainBatches(self.flat_train_dataset(), self.seed, batch_size, rank, world)
-        position, self._resume = self._resume, 0
-        return self._loader(batches, EpochSampler(self.config.train_batches_per_epoch, position))
+        rank, world = self._split_across_ranks("algorithm.batch_size", batch_size, "trains on the same number of examples")
+        return self._resumable_train_loader(FlatTrainBatches(self.flat_train_dataset(), self.seed, batch_size, rank, world))
 
     def train_dataloader(self) -> DataLoader:
         module = self.trainer.lightning_module if self.trainer is not None else None
         if getattr(module, "training_data", "episodes") == "flat":
             return self._flat_train_dataloader(module.flat_batch_size)
-        rank, world = self._rank_world()
         m = self.config.meta_batch_size
-        if m % world:
+        rank, world = self._split_across_ranks("data.meta_batch_size", m, "adapts the same number of tasks")
+        return self._resumable_train_loader(TrainEpisodes(self.loader_sampler(), self.seed, m, rank, world))
+
+    def _split_across_ranks(self, field: str, size: int, promise: str) -> tuple[int, int]:
+        """``(rank, world_size)``, refusing a per-step ``size`` the training processes cannot share."""
+        rank, world = self._rank_world()
+        if size % world:
             raise ConfigError(
-                f"data.meta_batch_size={m} is not divisible by the {world} training processes; "
-                "choose a multiple so every rank adapts the same number of tasks"
+                f"{field}={size} is not divisible by the {world} training processes; "
+                f"choose a multiple so every rank {promise}"
             )
-        episodes = TrainEpisodes(self.loader_sampler(), self.seed, m, rank, world)
+        return rank, world
+
+    def _resumable_train_loader(self, batches: Any) -> DataLoader:
+        """The training loader, starting at the restored position (once) after a resume."""
         position, self._resume = self._resume, 0
-        return self._loader(episodes, EpochSampler(self.config.train_batches_per_epoch, position))
+        return self._loader(batches, EpochSampler(self.config.train_batches_per_epoch, position))
 
     # ------------------------------------------------------------------ exact resume
     def state_dict(self) -> dict[str, Any]:
