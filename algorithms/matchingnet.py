@@ -103,11 +103,7 @@ class MatchingNet(MetricMetaLearner):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fce = FullContextEmbedding(self.model.feature_dim, self.config.fce_steps) if self.config.fce else None
-        scale = torch.tensor(float(self.config.cosine_scale))
-        if self.config.learn_scale:
-            self.scale = nn.Parameter(scale)
-        else:
-            self.register_buffer("scale", scale)
+        self.add_logit_scale(self.config.cosine_scale, self.config.learn_scale)
 
     def fit_head(self, support_z: Tensor, support_y: Tensor, spec: EpisodeSpec) -> tuple[Tensor, Tensor, int]:
         """The (full-context) support embeddings, their labels and the number of ways."""

@@ -43,7 +43,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightmeta.algorithms.r2d2 import ridge_weights
 from lightmeta.episodes import EpisodeSpec
@@ -138,11 +138,7 @@ class MetaOptNet(MetricMetaLearner):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        scale = torch.tensor(float(self.config.init_scale))
-        if self.config.learn_scale:
-            self.scale = nn.Parameter(scale)
-        else:
-            self.register_buffer("scale", scale)
+        self.add_logit_scale(self.config.init_scale, self.config.learn_scale)
 
     def fit_head(self, support_z: Tensor, support_y: Tensor, spec: EpisodeSpec) -> Tensor:
         """Class weight vectors ``[T, D, ways]``. The base class runs the head in float32 at

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightmeta.episodes import EpisodeSpec
 from lightmeta.meta_learner import AlgorithmConfig
@@ -66,11 +65,7 @@ class ProtoNet(MetricMetaLearner):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.config.distance == "cosine":
-            scale = torch.tensor(float(self.config.cosine_scale))
-            if self.config.learn_scale:
-                self.scale = nn.Parameter(scale)
-            else:
-                self.register_buffer("scale", scale)
+            self.add_logit_scale(self.config.cosine_scale, self.config.learn_scale)
 
     def fit_head(self, support_z: Tensor, support_y: Tensor, spec: EpisodeSpec) -> Tensor:
         """Prototypes ``[T, ways, D]``: the class means of the support embeddings."""

@@ -48,7 +48,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightmeta.episodes import EpisodeSpec, Task, TaskBatch
 from lightmeta.errors import ConfigError
@@ -74,6 +74,15 @@ class MetricMetaLearner(MetaLearner):
                 f"algorithm '{name}' is a few-shot classifier but the data is a {self.task_info.problem} "
                 "task distribution; choose a classification datamodule or a gradient-based algorithm"
             )
+
+    def add_logit_scale(self, value: float, learn: bool) -> None:
+        """``self.scale``: a logit scale (temperature) starting at ``value``, a parameter trained
+        with the backbone when ``learn``, else a fixed buffer (saved in checkpoints either way)."""
+        scale = torch.tensor(float(value))
+        if learn:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
 
     # ------------------------------------------------------------------ the head contract
     @abstractmethod
